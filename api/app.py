@@ -1,0 +1,39 @@
+"""The FastAPI application."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.routes import health, jobs
+from jobs.queue import CeleryJobQueue
+from jobs.settings import Settings, get_settings
+from jobs.storage import storage_from_settings
+from jobs.tokenizer import v1_tokenizer
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Clients are made once per process, at start-up.
+        app.state.storage = storage_from_settings(settings)
+        app.state.queue = CeleryJobQueue(settings)
+        v1_tokenizer()
+        yield
+
+    app = FastAPI(
+        title="mbatch",
+        version="0.1.0",
+        summary="Queue-based batch inference for Mistral-7B-Instruct models",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.dependency_overrides[get_settings] = lambda: settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app

@@ -1,0 +1,49 @@
+"""Dependencies the route handlers ask for by type."""
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from jobs.db import get_session_factory
+from jobs.keys import authenticate
+from jobs.queue import JobQueue
+from jobs.settings import Settings, get_settings
+from jobs.storage import Storage
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = get_session_factory(settings.database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_owner(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    secret = None
+    if authorization and authorization.lower().startswith("bearer "):
+        secret = authorization[7:].strip()
+    return authenticate(session, secret)
+
+
+OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage  # type: ignore[no-any-return]
+
+
+def get_queue(request: Request) -> JobQueue:
+    return request.app.state.queue  # type: ignore[no-any-return]
+
+
+StorageDep = Annotated[Storage, Depends(get_storage)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+IdempotencyKeyDep = Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)]

@@ -1,0 +1,81 @@
+"""The one place where errors become HTTP responses: `{"error": {code, message, param}}`."""
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobs.errors import MbatchError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status_code: int, code: str, message: str, param: str | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status_code,
+        content={"error": {"code": code, "message": message, "param": param}},
+    )
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_type_tag(part: str) -> bool:
+    """Pydantic puts the member of a union it tried into `loc`; that is not a field name."""
+    return part in _TYPE_TAGS or "[" in part or "-" in part
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if part in ("body", "query", "path", "header") and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and not _is_type_tag(part):
+            path += f".{part}" if path else part
+    return path
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        detail = errors[0].get("ctx", {}).get("error", "")
+        return error_response(400, "invalid_json", f"the body is not valid JSON: {detail}")
+    # Of a union's errors, the one about the value (too long, out of range) says more than
+    # "not a string" from the member it did not match.
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+    param = _field_path(tuple(first.get("loc", ()))) or None
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    message = f"{param}: {first.get('msg')} (got {shown})" if param else str(first.get("msg"))
+    if first.get("type") == "missing" and param == "":
+        message = "a JSON body is required"
+    return error_response(422, "invalid_parameter", message, param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MbatchError)
+    async def _domain(_: Request, exc: MbatchError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        return error_response(
+            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal_error", "internal error; the request was not applied")

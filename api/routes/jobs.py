@@ -1,0 +1,47 @@
+"""Native jobs: the Workers AI request schema, run asynchronously."""
+
+from fastapi import APIRouter, Response, status
+
+from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, SettingsDep, StorageDep
+from jobs import queries, service
+from jobs.errors import Conflict
+from jobs.schemas.jobs import JobPublic, job_public
+from jobs.schemas.native import JobCreate
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    queue: QueueDep,
+    storage: StorageDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JobPublic:
+    """Queue a prompt or chat job; answers at once with its id."""
+    prepared = service.prepare_native(body, settings)
+    job, created = service.submit_job(session, queue, owner, prepared, idempotency_key)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_public(job, storage)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, owner: OwnerDep, storage: StorageDep) -> JobPublic:
+    """A job's status, and its result, usage and cost once it has finished."""
+    return job_public(queries.get_owned_job(session, owner, job_id), storage)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep, storage: StorageDep) -> JobPublic:
+    """Cancel a job that has not finished."""
+    job = queries.get_owned_job(session, owner, job_id)
+    if job.status.finished:
+        raise Conflict(f"job {job_id} has already finished ({job.status.value})", param="id")
+    job = queries.cancel(session, job)
+    session.commit()
+    return job_public(job, storage)

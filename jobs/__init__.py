@@ -1,0 +1,1 @@
+"""The shared domain of mbatch: settings, schemas, persistence, storage, pricing."""

@@ -1,0 +1,267 @@
+"""Job persistence: every change of a job's state is one conditional UPDATE in Postgres.
+
+The conditions make the state machine safe against redelivered messages, dead workers and
+racing processes: a job is claimed only while queued, and a result is recorded only by the
+holder of the current claim, so it is recorded at most once.
+"""
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import case, select, update
+from sqlalchemy.orm import Session
+
+from jobs.errors import NotFound
+from jobs.models import Job, JobStatus
+from jobs.timeutil import utcnow
+
+
+def get_owned_job(session: Session, owner: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.owner != owner:
+        raise NotFound(f"no job {job_id}", param="id")
+    return job
+
+
+def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def mark_enqueued(session: Session, job_ids: list[str]) -> None:
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=utcnow()))
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """Cancel a job that has not finished; a running job's result is then never recorded."""
+    if not job.status.finished:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status.not_in(_FINISHED))
+            .values(status=JobStatus.cancelled, finished_at=utcnow(), claim_token=None)
+        )
+        session.refresh(job)
+    return job
+
+
+_FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: Job
+    token: str
+
+
+def claim_batch(
+    session: Session,
+    model: str,
+    worker_id: str,
+    lease_seconds: int,
+    limit: int,
+    first_id: str | None = None,
+) -> list[Claim]:
+    """Claim up to `limit` queued jobs of `model`, `first_id` first, oldest next.
+
+    Rows locked by another claimer are skipped (Postgres `SKIP LOCKED`), so concurrent
+    workers never claim the same job. Each claim counts as an attempt.
+    """
+    order: list[Any] = [Job.created_at]
+    if first_id is not None:
+        order.insert(0, case((Job.id == first_id, 0), else_=1))
+    candidates = session.scalars(
+        select(Job)
+        .where(Job.model == model, Job.status == JobStatus.queued)
+        .order_by(*order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    now = utcnow()
+    claims = []
+    for job in candidates:
+        token = secrets.token_hex(16)
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.queued)
+            .values(
+                status=JobStatus.running,
+                claim_token=token,
+                claimed_by=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1,
+                started_at=now,
+            )
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            session.refresh(job)
+            claims.append(Claim(job, token))
+    session.commit()
+    return claims
+
+
+def renew_leases(session: Session, claims: list[Claim], lease_seconds: int) -> None:
+    expires = utcnow() + timedelta(seconds=lease_seconds)
+    for claim in claims:
+        session.execute(
+            update(Job)
+            .where(Job.id == claim.job.id, Job.claim_token == claim.token)
+            .values(lease_expires_at=expires)
+        )
+    session.commit()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    completion_tokens: int
+    finish_reason: str
+    response_text: str | None
+    response_uri: str | None
+    cost_input: Decimal
+    cost_output: Decimal
+
+
+def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
+    """Record a result once: only the current claim of a running job can; False otherwise."""
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == claim.job.id,
+            Job.claim_token == claim.token,
+            Job.status == JobStatus.running,
+        )
+        .values(
+            status=JobStatus.succeeded,
+            finished_at=utcnow(),
+            completion_tokens=outcome.completion_tokens,
+            finish_reason=outcome.finish_reason,
+            response_text=outcome.response_text,
+            response_uri=outcome.response_uri,
+            cost_input=outcome.cost_input,
+            cost_output=outcome.cost_output,
+            claim_token=None,
+            lease_expires_at=None,
+        )
+    )
+    session.commit()
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def record_failure(session: Session, claim: Claim, code: str, message: str) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == claim.job.id,
+            Job.claim_token == claim.token,
+            Job.status == JobStatus.running,
+        )
+        .values(
+            status=JobStatus.failed,
+            finished_at=utcnow(),
+            error_code=code,
+            error_message=message,
+            claim_token=None,
+            lease_expires_at=None,
+        )
+    )
+    session.commit()
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def expired_claims(session: Session, now: datetime | None = None) -> list[Job]:
+    """Running jobs whose worker stopped renewing its lease: it died, or lost its database."""
+    return list(
+        session.scalars(
+            select(Job).where(
+                Job.status == JobStatus.running, Job.lease_expires_at < (now or utcnow())
+            )
+        )
+    )
+
+
+def release_expired(session: Session, max_attempts: int, now: datetime | None = None) -> list[Job]:
+    """Put jobs with an expired claim back in the queue, or fail those out of attempts.
+
+    Returns the jobs that are queued again, for publishing.
+    """
+    requeued = []
+    for job in expired_claims(session, now):
+        out_of_attempts = job.attempts >= max_attempts
+        values: dict[str, object] = {"claim_token": None, "lease_expires_at": None}
+        if out_of_attempts:
+            values.update(
+                status=JobStatus.failed,
+                finished_at=utcnow(),
+                error_code="worker_lost",
+                error_message=f"the worker running this job stopped {job.attempts} times",
+            )
+        else:
+            values.update(status=JobStatus.queued, enqueued_at=None)
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.claim_token == job.claim_token)
+            .where(Job.status == JobStatus.running)
+            .values(**values)
+        )
+        if result.rowcount == 1 and not out_of_attempts:  # type: ignore[attr-defined]
+            requeued.append(job)
+    session.commit()
+    return requeued
+
+
+def due_for_publish(
+    session: Session, requeue_after_seconds: int, now: datetime | None = None
+) -> list[Job]:
+    """Queued jobs whose message may be lost, and scheduled jobs whose time has come.
+
+    A queued job counts once it was never published or was published long ago: a broker
+    restart can drop messages, and a spare message costs nothing, since claims decide.
+    """
+    now = now or utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.scheduled, Job.run_at <= now)
+        .values(status=JobStatus.queued, enqueued_at=None)
+    )
+    stale = now - timedelta(seconds=requeue_after_seconds)
+    jobs = list(
+        session.scalars(
+            select(Job).where(
+                Job.status == JobStatus.queued,
+                (Job.enqueued_at.is_(None)) | (Job.enqueued_at < stale),
+            )
+        )
+    )
+    session.commit()
+    return jobs
+
+
+def release_claims(
+    session: Session, claims: list[Claim], max_attempts: int, reason: str
+) -> list[Job]:
+    """Give claimed jobs back after a batch-wide failure: queued again, or failed when out of
+    attempts. Returns the jobs queued again."""
+    requeued = []
+    for claim in claims:
+        out_of_attempts = claim.job.attempts >= max_attempts
+        values: dict[str, object] = {"claim_token": None, "lease_expires_at": None}
+        if out_of_attempts:
+            values.update(
+                status=JobStatus.failed,
+                finished_at=utcnow(),
+                error_code="engine_error",
+                error_message=reason,
+            )
+        else:
+            values.update(status=JobStatus.queued, enqueued_at=None)
+        result = session.execute(
+            update(Job)
+            .where(Job.id == claim.job.id, Job.claim_token == claim.token)
+            .where(Job.status == JobStatus.running)
+            .values(**values)
+        )
+        if result.rowcount == 1 and not out_of_attempts:  # type: ignore[attr-defined]
+            requeued.append(claim.job)
+    session.commit()
+    return requeued

@@ -1,0 +1,58 @@
+"""The internal sampling parameters that both request dialects convert into.
+
+Each request schema resolves its values in one order (the user's value, then the model's
+default, then the built-in default) and hands them here; `SamplingParams` checks that they
+make sense together and raises `InvalidParameter` naming the field otherwise.
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from jobs.errors import InvalidParameter
+
+MAX_STOP_STRINGS = 4
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.6  # 0 means greedy
+    top_p: float = 1.0  # 1 (or more) keeps the whole distribution
+    top_k: int = 0  # 0 keeps every token
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # multiplicative, as Hugging Face defines it
+    frequency_penalty: float = 0.0  # additive over generated tokens, as OpenAI defines it
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidParameter("max_tokens", self.max_tokens, "must be at least 1")
+        if self.temperature < 0:
+            raise InvalidParameter("temperature", self.temperature, "must be 0 or more")
+        if self.top_p < 0:
+            raise InvalidParameter("top_p", self.top_p, "must be 0 or more")
+        if self.top_k < 0:
+            raise InvalidParameter("top_k", self.top_k, "must be 0 or more")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidParameter("min_p", self.min_p, "must be between 0 and 1")
+        if self.repetition_penalty <= 0:
+            raise InvalidParameter("repetition_penalty", self.repetition_penalty, "must be > 0")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidParameter("stop", list(self.stop), "at most 4 stop strings")
+        if any(not s for s in self.stop):
+            raise InvalidParameter("stop", list(self.stop), "stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stop"] = list(self.stop)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+        return cls(**{**data, "stop": tuple(data.get("stop") or ())})

@@ -1,0 +1,1 @@
+"""Request and response schemas of both API dialects."""

@@ -1,0 +1,96 @@
+"""What the API shows of a job."""
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from jobs.models import Job, JobStatus
+from jobs.storage import Storage
+from jobs.timeutil import aware
+
+
+class JobResult(BaseModel):
+    response: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CostPublic(BaseModel):
+    currency: str
+    input: float
+    output: float
+    total: float
+
+
+class ErrorPublic(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: str = "job"
+    status: JobStatus
+    model: str
+    lora: str | None
+    created_at: datetime
+    run_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    result: JobResult | None
+    usage: Usage | None
+    cost: CostPublic | None
+    finish_reason: str | None
+    error: ErrorPublic | None
+    metadata: dict[str, str] | None
+
+
+def response_text(job: Job, storage: Storage) -> str | None:
+    """The response, from the row or, when it was too large for one, from object storage."""
+    if job.response_uri is not None:
+        return storage.get_bytes(job.response_uri).decode()
+    return job.response_text
+
+
+def job_public(job: Job, storage: Storage) -> JobPublic:
+    succeeded = job.status == JobStatus.succeeded
+    text = response_text(job, storage) if succeeded else None
+    usage = cost = None
+    if job.completion_tokens is not None:
+        usage = Usage(
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=job.completion_tokens,
+            total_tokens=job.prompt_tokens + job.completion_tokens,
+        )
+    if job.cost_input is not None and job.cost_output is not None:
+        cost = CostPublic(
+            currency="USD",
+            input=float(job.cost_input),
+            output=float(job.cost_output),
+            total=float(job.cost_input + job.cost_output),
+        )
+    error = None
+    if job.error_code is not None:
+        error = ErrorPublic(code=job.error_code, message=job.error_message or "")
+    return JobPublic(
+        id=job.id,
+        status=job.status,
+        model=job.model,
+        lora=job.lora,
+        created_at=aware(job.created_at),  # type: ignore[arg-type]
+        run_at=aware(job.run_at),
+        started_at=aware(job.started_at),
+        finished_at=aware(job.finished_at),
+        attempts=job.attempts,
+        result=JobResult(response=text) if text is not None else None,
+        usage=usage,
+        cost=cost,
+        finish_reason=job.finish_reason,
+        error=error,
+        metadata=job.metadata_,
+    )

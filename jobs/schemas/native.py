@@ -1,0 +1,128 @@
+"""The native job request: exactly the Workers AI text-generation input schema, plus extensions."""
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs.errors import InvalidParameter
+from jobs.registry import ModelSpec
+from jobs.sampling import MAX_STOP_STRINGS, SamplingParams
+from jobs.tokenizer import ChatMessage
+
+MAX_TEXT_CHARS = 131072
+MAX_METADATA_PAIRS = 16
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+class FunctionDef(BaseModel):
+    name: str
+    code: str
+
+
+class JobCreate(BaseModel):
+    """`POST /v1/jobs`: either `prompt` or `messages`, with Workers AI's sampling fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+    raw: bool = False
+    lora: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    functions: list[FunctionDef] | None = None
+    stream: bool = False
+
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=5)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_k: Annotated[int, Field(ge=1, le=50)] | None = None
+    seed: Annotated[int, Field(ge=1, le=9999999999)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=0, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=0, le=2)] | None = None
+
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    callback_url: Annotated[str, Field(max_length=2048)] | None = None
+    metadata: Annotated[dict[str, str], Field(max_length=MAX_METADATA_PAIRS)] | None = None
+    run_at: datetime | None = None
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "JobCreate":
+        if self.prompt is None and self.messages is None:
+            raise InvalidParameter("prompt", None, "give either prompt or messages")
+        if self.prompt is not None and self.messages is not None:
+            raise InvalidParameter("messages", "...", "give either prompt or messages, not both")
+        if self.messages is not None and self.raw:
+            raise InvalidParameter("raw", True, "raw applies to prompt, not to messages")
+        if self.functions:
+            raise InvalidParameter("functions", "...", "function calling is not supported")
+        if self.stream:
+            raise InvalidParameter(
+                "stream", True, "queued jobs do not stream; poll or use a webhook"
+            )
+        return self
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_sizes(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, item in (value or {}).items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("callback_url must be an http:// or https:// URL")
+        return value
+
+    @field_validator("run_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+    def chat_messages(self) -> list[ChatMessage] | None:
+        if self.messages is None:
+            return None
+        return [ChatMessage(m.role, m.content) for m in self.messages]
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def to_sampling_params(self, spec: ModelSpec) -> SamplingParams:
+        """The user's value, else the model's default, else the built-in default."""
+        # Workers AI admits repetition_penalty 0; Hugging Face's rule divides by it, so 0
+        # means what 1 means there: no penalty.
+        repetition_penalty = self.repetition_penalty or 1.0
+        return SamplingParams(
+            max_tokens=self.max_tokens or spec.default_max_tokens,
+            temperature=spec.default_temperature if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            seed=self.seed,
+            stop=self.stop_strings(),
+        )
+
+    def input_record(self) -> dict[str, Any]:
+        """What the worker needs to rebuild the prompt."""
+        if self.messages is not None:
+            return {"messages": [m.model_dump() for m in self.messages]}
+        return {"prompt": self.prompt, "raw": self.raw}

@@ -1,0 +1,124 @@
+"""OpenAI-format request bodies (chat completions and completions), as batch lines carry them.
+
+Ranges follow OpenAI and DeepInfra; like the native schema, a body converts itself into the
+internal `SamplingParams` (user value, then the model's default, then the built-in default).
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jobs.errors import InvalidParameter
+from jobs.registry import ModelSpec
+from jobs.sampling import MAX_STOP_STRINGS, SamplingParams
+from jobs.schemas.native import MAX_TEXT_CHARS
+from jobs.tokenizer import ChatMessage
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+COMPLETIONS_ENDPOINT = "/v1/completions"
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class OpenAIBody(BaseModel):
+    """Fields shared by both endpoints; unknown OpenAI fields are ignored, as OpenAI's
+    compatible servers do, so existing files run unchanged."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, Field(min_length=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=5)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = None
+    user: str | None = None
+    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    stream: Literal[False] | None = None
+    lora: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+    def to_sampling_params(self, spec: ModelSpec) -> SamplingParams:
+        stop = (
+            ()
+            if self.stop is None
+            else (self.stop,)
+            if isinstance(self.stop, str)
+            else tuple(self.stop)
+        )
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or spec.default_max_tokens,
+            temperature=spec.default_temperature if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            seed=self.seed,
+            stop=stop,
+        )
+
+
+class ChatCompletionBody(OpenAIBody):
+    messages: Annotated[list[OpenAIMessage], Field(min_length=1)]
+
+    def input_record(self) -> dict[str, Any]:
+        return {"messages": [{"role": m.role, "content": m.text()} for m in self.messages]}
+
+    def chat_messages(self) -> list[ChatMessage]:
+        return [ChatMessage(m.role, m.text()) for m in self.messages]
+
+
+class CompletionBody(OpenAIBody):
+    """A completion prompt is text to continue: it is tokenized raw, with no chat template."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+    def input_record(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "raw": True}
+
+
+class BatchLine(BaseModel):
+    """One line of an OpenAI batch input file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: Annotated[str, Field(min_length=1, max_length=512)]
+    method: Literal["POST"]
+    url: Literal["/v1/chat/completions", "/v1/completions"]
+    body: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _body_matches_url(self) -> "BatchLine":
+        if self.url == CHAT_ENDPOINT and "messages" not in self.body:
+            raise InvalidParameter("body.messages", None, "a chat completion needs messages")
+        if self.url == COMPLETIONS_ENDPOINT and "prompt" not in self.body:
+            raise InvalidParameter("body.prompt", None, "a completion needs a prompt")
+        return self
+
+    def parsed_body(self) -> ChatCompletionBody | CompletionBody:
+        if self.url == CHAT_ENDPOINT:
+            return ChatCompletionBody.model_validate(self.body)
+        return CompletionBody.model_validate(self.body)

@@ -1,0 +1,169 @@
+"""Job submission and its checks, shared by every way a job comes in."""
+
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from jobs import queries
+from jobs.errors import InvalidParameter
+from jobs.models import Job, JobStatus
+from jobs.queue import JobQueue
+from jobs.registry import ModelSpec, resolve_model
+from jobs.sampling import SamplingParams
+from jobs.schemas.native import JobCreate
+from jobs.schemas.openai import OpenAIBody
+from jobs.settings import Settings
+from jobs.timeutil import utcnow
+from jobs.tokenizer import encode_job_input, v1_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A validated request of either dialect, ready to be recorded."""
+
+    spec: ModelSpec
+    input: dict[str, Any]
+    sampling: SamplingParams
+    prompt_tokens: int
+    lora: str | None = None
+    metadata: dict[str, str] | None = None
+    callback_url: str | None = None
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
+
+
+def job_id_for(owner: str, idempotency_key: str | None) -> str:
+    """Deterministic for an idempotency key, so a retried submission names the same job."""
+    if idempotency_key is None:
+        return "job_" + secrets.token_hex(12)
+    digest = hashlib.sha256(f"{owner}\x00{idempotency_key}".encode()).hexdigest()
+    return "job_" + digest[:24]
+
+
+def check_lora(spec: ModelSpec, lora: str | None) -> None:
+    if lora is None:
+        return
+    if not spec.allows_lora:
+        raise InvalidParameter("lora", lora, f"model {spec.name} does not take LoRA adapters")
+    raise InvalidParameter("lora", lora, "no adapter with this id or name")
+
+
+def check_context(spec: ModelSpec, prompt_tokens: int, max_tokens: int) -> None:
+    if prompt_tokens >= spec.context_length:
+        raise InvalidParameter(
+            "prompt",
+            f"<{prompt_tokens} tokens>",
+            f"the prompt alone is {prompt_tokens} tokens; {spec.name} takes "
+            f"{spec.context_length} in all",
+        )
+    if max_tokens > spec.context_length:
+        raise InvalidParameter(
+            "max_tokens", max_tokens, f"{spec.name} has a context of {spec.context_length} tokens"
+        )
+
+
+def _prepare(
+    model: str | None, lora: str | None, job_input: dict[str, Any], body: Any, settings: Settings
+) -> tuple[ModelSpec, SamplingParams, int]:
+    spec = resolve_model(model or settings.model)
+    check_lora(spec, lora)
+    sampling: SamplingParams = body.to_sampling_params(spec)
+    prompt_tokens = len(encode_job_input(v1_tokenizer(), job_input))
+    check_context(spec, prompt_tokens, sampling.max_tokens)
+    return spec, sampling, prompt_tokens
+
+
+def prepare_native(body: JobCreate, settings: Settings) -> PreparedJob:
+    job_input = body.input_record()
+    spec, sampling, prompt_tokens = _prepare(body.model, body.lora, job_input, body, settings)
+    return PreparedJob(
+        spec=spec,
+        input=job_input,
+        sampling=sampling,
+        prompt_tokens=prompt_tokens,
+        lora=body.lora,
+        metadata=body.metadata,
+        callback_url=body.callback_url,
+        run_at=body.run_at,
+        idempotency_key=body.idempotency_key,
+    )
+
+
+def prepare_openai(body: OpenAIBody, settings: Settings) -> PreparedJob:
+    job_input = body.input_record()  # type: ignore[attr-defined]
+    spec, sampling, prompt_tokens = _prepare(body.model, body.lora, job_input, body, settings)
+    return PreparedJob(
+        spec=spec, input=job_input, sampling=sampling, prompt_tokens=prompt_tokens, lora=body.lora
+    )
+
+
+def submit_job(
+    session: Session,
+    queue: JobQueue,
+    owner: str,
+    prepared: PreparedJob,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Record and enqueue one job; returns the job and whether it is new.
+
+    The row is committed before the message is published: a publish that fails leaves a
+    queued job that maintenance publishes again, never a message without a job.
+    """
+    key = idempotency_key or prepared.idempotency_key
+    if key is not None:
+        existing = queries.find_by_idempotency_key(session, owner, key)
+        if existing is not None:
+            return existing, False
+    scheduled = prepared.run_at is not None and prepared.run_at > utcnow()
+    job = Job(
+        id=job_id_for(owner, key),
+        owner=owner,
+        model=prepared.spec.name,
+        lora=prepared.lora,
+        status=JobStatus.scheduled if scheduled else JobStatus.queued,
+        input=prepared.input,
+        sampling=prepared.sampling.to_dict(),
+        metadata_=prepared.metadata,
+        callback_url=prepared.callback_url,
+        idempotency_key=key,
+        run_at=prepared.run_at,
+        prompt_tokens=prepared.prompt_tokens,
+        attempts=0,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # The same idempotency key raced in from another request: that one wins.
+        session.rollback()
+        existing = queries.find_by_idempotency_key(session, owner, key) if key else None
+        if existing is None:
+            raise
+        return existing, False
+    if not scheduled:
+        publish(session, queue, [job])
+    return job, True
+
+
+def publish(session: Session, queue: JobQueue, jobs: list[Job]) -> None:
+    """Publish jobs' messages; a failure is logged, and maintenance tries again later."""
+    published = []
+    for job in jobs:
+        try:
+            queue.publish(job.id, resolve_model(job.model).queue)
+        except Exception:  # the broker is down: the row stays queued and is not lost
+            log.exception("could not publish job %s; maintenance will publish it again", job.id)
+            continue
+        published.append(job.id)
+    if published:
+        queries.mark_enqueued(session, published)
+        session.commit()

@@ -1,0 +1,46 @@
+"""One settings object, read from `MBATCH_*` environment variables, shared by API and worker."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MBATCH_", extra="ignore")
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/mbatch"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str = "file://./.mbatch/storage"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+
+    # The model a job gets when it names none.
+    model: str = "mistral-7b-instruct-v0.2"
+    models_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "mbatch" / "models")
+
+    # API limits.
+    max_request_bytes: int = 4 * 1024 * 1024
+
+    # Worker: batching and the claim on a job.
+    max_batch_size: int = 32
+    lease_seconds: int = 900
+    max_attempts: int = 3
+    # A queued job whose message has not been picked up for this long is published again
+    # (covers a broker that lost its messages); Postgres decides whether it still runs.
+    requeue_after_seconds: int = 600
+    maintenance_interval_seconds: float = 30.0
+    # A broker message not acknowledged within this time is delivered again by Redis; it must
+    # exceed the longest time a message can wait behind a batch.
+    visibility_timeout_seconds: int = 6 * 3600
+
+    # Results larger than this many UTF-8 bytes are kept in object storage, not in the row.
+    result_inline_max_bytes: int = 64 * 1024
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""mbatch: queue-based batch inference for Mistral-7B-Instruct models."""

@@ -1,0 +1,3 @@
+from mbatch.cli import main
+
+main()

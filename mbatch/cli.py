@@ -1,0 +1,125 @@
+"""The `mbatch` command line."""
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mbatch.runner import run_file
+
+    return run_file(args.file, args.output, args.model, args.state_dir)
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import run_worker
+
+    run_worker(args.model, args.weights, args.loglevel)
+    return 0
+
+
+def _cmd_beat(args: argparse.Namespace) -> int:
+    from jobs.db import session_scope
+    from jobs.maintenance import maintain
+    from jobs.queue import CeleryJobQueue
+    from jobs.settings import get_settings
+
+    settings = get_settings()
+    queue = CeleryJobQueue(settings)
+    log = logging.getLogger("mbatch.beat")
+    while True:
+        try:
+            with session_scope(settings.database_url) as session:
+                published = maintain(session, queue, settings)
+            if published:
+                log.info("published %d jobs", published)
+        except Exception:
+            log.exception("maintenance pass failed; trying again")
+        time.sleep(settings.maintenance_interval_seconds)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from jobs.settings import get_settings
+    from migrations.runner import upgrade
+
+    upgrade(get_settings().database_url)
+    print("database is at the latest revision")
+    return 0
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    from jobs.db import session_scope
+    from jobs.keys import create_key
+    from jobs.settings import get_settings
+
+    with session_scope(get_settings().database_url) as session:
+        secret = create_key(session, args.name)
+    print(f"API key for {args.name} (shown once; keep it secret):")
+    print(secret)
+    return 0
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from worker.engine.tiny import make_tiny_model
+
+    print(make_tiny_model(args.dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mbatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a JSONL file through the whole pipeline in one process")
+    run.add_argument("file", type=Path)
+    run.add_argument("-o", "--output", type=Path, default=None)
+    run.add_argument("--model", default="tiny-random-mistral")
+    run.add_argument("--state-dir", type=Path, default=Path(".mbatch"))
+    run.set_defaults(handler=_cmd_run)
+
+    api = sub.add_parser("api", help="serve the HTTP API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(handler=_cmd_api)
+
+    worker = sub.add_parser("worker", help="load a model and serve its queue")
+    worker.add_argument("--model", required=True)
+    worker.add_argument("--weights", type=Path, default=None)
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(handler=_cmd_worker)
+
+    beat = sub.add_parser("beat", help="run the maintenance pass on a schedule")
+    beat.set_defaults(handler=_cmd_beat)
+
+    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate.set_defaults(handler=_cmd_migrate)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; prints it as the last line")
+    create.add_argument("--name", required=True)
+    create.set_defaults(handler=_cmd_keys_create)
+
+    tiny = sub.add_parser("make-tiny-model", help="build the tiny random Mistral model")
+    tiny.add_argument("dir", type=Path)
+    tiny.set_defaults(handler=_cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    sys.exit(args.handler(args))

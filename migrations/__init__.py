@@ -1,0 +1,1 @@
+"""Alembic migrations; `mbatch migrate` applies them."""

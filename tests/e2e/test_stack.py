@@ -1,0 +1,152 @@
+"""The whole path on real parts: `mbatch api` and `mbatch worker` as separate processes, with
+Postgres, Redis and an S3 server."""
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as ReferenceTokenizer
+
+from jobs.db import session_scope
+from jobs.models import Job
+from jobs.pricing import price
+from jobs.queries import expired_claims
+from jobs.queue import CeleryJobQueue
+from jobs.registry import resolve_model
+from jobs.settings import Settings
+from tests import services
+from tests.conftest import BUCKET, Stack, create_key
+
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def key(stack: Stack) -> dict[str, str]:
+    return {"Authorization": f"Bearer {create_key(stack.env, 'carol')}"}
+
+
+def submit(stack: Stack, key: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.post(f"{stack.api_url}/v1/jobs", json=body, headers=key)
+    assert response.status_code == 202, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def wait_for_status(
+    stack: Stack, key: dict[str, str], job_id: str, statuses: set[str], timeout: float = 90
+) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    def reached() -> bool:
+        found.update(httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", headers=key).json())
+        return found["status"] in statuses
+
+    services.wait_for(reached, timeout, f"job {job_id} to reach {statuses}", interval=0.05)
+    return found
+
+
+def test_a_chat_job_runs_end_to_end(
+    stack: Stack, key: dict[str, str], settings: Settings, s3_client: Any
+) -> None:
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    job = submit(
+        stack, key, {"messages": messages, "max_tokens": 12, "seed": 5, "metadata": {"run": "e2e"}}
+    )
+    assert job["status"] == "queued" and job["id"].startswith("job_")
+    done = wait_for_status(stack, key, job["id"], FINISHED)
+
+    assert done["status"] == "succeeded", done
+    assert done["result"]["response"].strip()
+    expected_prompt = len(
+        ReferenceTokenizer.v1()
+        .encode_chat_completion(
+            ChatCompletionRequest(
+                messages=[
+                    SystemMessage(content="You are terse."),
+                    UserMessage(content="Name a colour."),
+                ]
+            )
+        )
+        .tokens
+    )
+    usage = done["usage"]
+    assert usage["prompt_tokens"] == expected_prompt
+    assert 1 <= usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    cost = price(
+        resolve_model("tiny-random-mistral"), usage["prompt_tokens"], usage["completion_tokens"]
+    )
+    assert Decimal(str(done["cost"]["input"])) == cost.input
+    assert Decimal(str(done["cost"]["output"])) == cost.output
+    assert done["cost"]["currency"] == "USD"
+    assert done["metadata"] == {"run": "e2e"}
+    assert done["finish_reason"] in ("stop", "length")
+    assert done["started_at"] and done["finished_at"]
+
+    with session_scope(settings.database_url) as session:
+        row = session.get(Job, job["id"])
+        assert row is not None and row.owner == "carol" and row.status.value == "succeeded"
+        assert row.response_uri == f"results/{job['id']}.txt"
+        key_in_bucket = f"data/{row.response_uri}"
+    stored = s3_client.get_object(Bucket=BUCKET, Key=key_in_bucket)["Body"].read().decode()
+    assert stored == done["result"]["response"]
+
+
+def test_the_same_message_twice_records_one_result(
+    stack: Stack, key: dict[str, str], settings: Settings
+) -> None:
+    job = submit(stack, key, {"prompt": "Say hi", "max_tokens": 8, "temperature": 0})
+    first = wait_for_status(stack, key, job["id"], FINISHED)
+    assert first["status"] == "succeeded" and first["attempts"] == 1
+
+    queue = CeleryJobQueue(settings)
+    queue.publish(job["id"], resolve_model("tiny-random-mistral").queue)
+    queue.publish(job["id"], resolve_model("tiny-random-mistral").queue)
+    # A later job's message is consumed after the repeated ones.
+    later = submit(stack, key, {"prompt": "Say bye", "max_tokens": 4})
+    assert wait_for_status(stack, key, later["id"], FINISHED)["status"] == "succeeded"
+
+    again = httpx.get(f"{stack.api_url}/v1/jobs/{job['id']}", headers=key).json()
+    assert again["attempts"] == 1
+    assert again["finished_at"] == first["finished_at"]
+    assert again["result"] == first["result"]
+
+
+def test_another_key_gets_404_and_no_key_401(stack: Stack, key: dict[str, str]) -> None:
+    job = submit(stack, key, {"prompt": "Mine", "max_tokens": 2})
+    other = {"Authorization": f"Bearer {create_key(stack.env, 'dave')}"}
+    assert httpx.get(f"{stack.api_url}/v1/jobs/{job['id']}", headers=other).status_code == 404
+    assert httpx.get(f"{stack.api_url}/v1/jobs/{job['id']}").status_code == 401
+
+
+def test_a_killed_workers_job_is_found_and_run_again(
+    stack: Stack, key: dict[str, str], settings: Settings
+) -> None:
+    # Long enough that the worker is surely mid-decode when it is killed.
+    job = submit(stack, key, {"prompt": "Count", "max_tokens": 1500, "temperature": 0})
+    running = wait_for_status(stack, key, job["id"], {"running"} | FINISHED)
+    assert running["status"] == "running", "the job finished before the worker could be killed"
+    stack.worker.kill()
+
+    def found_by_query() -> bool:
+        with session_scope(settings.database_url) as session:
+            return job["id"] in {j.id for j in expired_claims(session)}
+
+    services.wait_for(found_by_query, 30, "the dead worker's claim to expire")
+    assert (
+        httpx.get(f"{stack.api_url}/v1/jobs/{job['id']}", headers=key).json()["status"] == "running"
+    )
+
+    stack.worker = services.start_worker(stack.env, stack.log_dir)
+    done = wait_for_status(stack, key, job["id"], FINISHED, timeout=180)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    assert datetime.fromisoformat(done["finished_at"]) > datetime.fromisoformat(
+        running["started_at"]
+    )

@@ -1,0 +1,88 @@
+"""Each sampling parameter against a small reference on fixed logits."""
+
+import torch
+
+from jobs.sampling import SamplingParams
+from worker.engine.sampler import SamplingTensors, apply_penalties, filtered_probs, sample
+
+VOCAB = 6
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0, 0.0]])
+
+
+def tensors(**params: object) -> SamplingTensors:
+    return SamplingTensors.from_params([SamplingParams(**params)], VOCAB, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def kept(**params: object) -> set[int]:
+    probs, ids = filtered_probs(LOGITS, tensors(**params))
+    return {int(ids[0, i]) for i in range(VOCAB) if probs[0, i] > 0}
+
+
+def no_history() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros((1, VOCAB), dtype=torch.bool), torch.zeros((1, VOCAB), dtype=torch.int32)
+
+
+def test_top_k_one_equals_greedy() -> None:
+    seen, counts = no_history()
+    for seed in range(1, 30):
+        token = sample(LOGITS, seen, counts, tensors(temperature=1.5, top_k=1, seed=seed))
+        assert int(token) == 4
+
+
+def test_temperature_zero_is_argmax() -> None:
+    seen, counts = no_history()
+    assert int(sample(LOGITS, seen, counts, tensors(temperature=0))) == 4
+
+
+def test_top_k_keeps_the_k_largest() -> None:
+    assert kept(temperature=1.0, top_k=3) == {4, 0, 1}
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p() -> None:
+    probs = torch.softmax(LOGITS[0], dim=-1)
+    order = probs.argsort(descending=True).tolist()
+    cumulative = probs[order].cumsum(0)
+    for top_p in (0.3, 0.6, 0.8, 0.95, 1.0):
+        count = int((cumulative < top_p).sum()) + 1
+        assert kept(temperature=1.0, top_p=top_p) == set(order[: min(count, VOCAB)])
+
+
+def test_min_p_keeps_tokens_above_a_fraction_of_the_best() -> None:
+    probs = torch.softmax(LOGITS[0], dim=-1)
+    for min_p in (0.05, 0.2, 0.5):
+        expected = {i for i in range(VOCAB) if probs[i] >= min_p * probs.max()}
+        assert kept(temperature=1.0, min_p=min_p) == expected
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits() -> None:
+    seen = torch.tensor([[True, False, False, True, False, False]])
+    counts = torch.zeros((1, VOCAB), dtype=torch.int32)
+    out = apply_penalties(LOGITS, seen, counts, tensors(repetition_penalty=2.0))
+    assert out[0, 0] == 1.0  # 2.0 / 2
+    assert out[0, 3] == -2.0  # -1.0 * 2
+    assert torch.equal(out[0, [1, 2, 4, 5]], LOGITS[0, [1, 2, 4, 5]])
+
+
+def test_frequency_and_presence_penalties_subtract_per_count_and_once() -> None:
+    seen, _ = no_history()
+    counts = torch.tensor([[3, 0, 1, 0, 0, 0]], dtype=torch.int32)
+    out = apply_penalties(
+        LOGITS, seen, counts, tensors(frequency_penalty=0.5, presence_penalty=0.25)
+    )
+    assert out[0, 0] == 2.0 - 0.5 * 3 - 0.25
+    assert out[0, 2] == 0.5 - 0.5 * 1 - 0.25
+    assert torch.equal(out[0, [1, 3, 4, 5]], LOGITS[0, [1, 3, 4, 5]])
+
+
+def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
+    seen, counts = no_history()
+    draws = [
+        int(sample(LOGITS, seen, counts, tensors(temperature=1.0, seed=s))) for s in range(1, 2001)
+    ]
+    again = [
+        int(sample(LOGITS, seen, counts, tensors(temperature=1.0, seed=s))) for s in range(1, 2001)
+    ]
+    assert draws == again
+    probs = torch.softmax(LOGITS[0], dim=-1)
+    for token in range(VOCAB):
+        assert abs(draws.count(token) / 2000 - float(probs[token])) < 0.04

@@ -1,0 +1,1 @@
+"""GPU workers: the Celery app, its tasks, and the inference engine."""

@@ -1,0 +1,1 @@
+"""Model loading, batching, the decode loop and per-row sampling."""

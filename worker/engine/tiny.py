@@ -1,0 +1,56 @@
+"""`mbatch make-tiny-model`: a real MistralForCausalLM with random weights and the v1 tokenizer."""
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+TINY_CONFIG: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 4096,
+    "sliding_window": None,
+    "rope_theta": 10000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "legacy": True,
+}
+
+
+def make_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """Write a Hugging Face model folder that `from_pretrained` loads; returns the folder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = MistralConfig(**TINY_CONFIG)
+    model = MistralForCausalLM(config)
+    # Default init gives near-uniform logits; wider weights make outputs depend on the
+    # prompt and the sampling settings, which is what the tests look at.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(directory, safe_serialization=True)
+    data = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    with resources.as_file(data) as source:
+        shutil.copyfile(source, directory / "tokenizer.model")
+    (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+    return directory

@@ -1,0 +1,55 @@
+"""`mbatch worker`: load the model, then serve its queue from this one process."""
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from jobs.db import session_scope
+from jobs.queue import CeleryJobQueue
+from jobs.registry import resolve_model
+from jobs.settings import get_settings
+from jobs.storage import storage_from_settings
+from worker.engine.loader import load_model
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(model: str, weights: Path | None = None, loglevel: str = "INFO") -> None:
+    settings = get_settings()
+    spec = resolve_model(model)
+    # The model is loaded before the worker consumes anything, in the process that runs the
+    # tasks: the solo pool never forks, so no CUDA state crosses a fork.
+    loaded = load_model(spec, settings, weights)
+    worker_id = f"{spec.name}-{os.getpid()}@{socket.gethostname()}"
+
+    def scope():  # type: ignore[no-untyped-def]
+        return session_scope(settings.database_url)
+
+    runtime = WorkerRuntime(
+        settings,
+        loaded,
+        scope,
+        storage_from_settings(settings),
+        CeleryJobQueue(settings),
+        worker_id,
+    )
+    from worker import tasks
+    from worker.celery_app import app
+
+    tasks.install_runtime(runtime)
+    runtime.start_maintenance()
+    log.info("worker %s serving queue %s", worker_id, spec.queue)
+    try:
+        app.Worker(
+            hostname=worker_id,
+            queues=[spec.queue],
+            pool="solo",
+            concurrency=1,
+            loglevel=loglevel,
+            without_gossip=True,
+            without_mingle=True,
+        ).start()
+    finally:
+        runtime.stop()
