@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from jobs.registry import ModelSpec
 from jobs.settings import Settings
@@ -50,6 +51,7 @@ def weights_source(spec: ModelSpec, settings: Settings, weights: Path | None) ->
 
 
 def load_model(spec: ModelSpec, settings: Settings, weights: Path | None = None) -> LoadedModel:
+    hf_logging.disable_progress_bar()  # one model per process: its own log line is enough
     source = weights_source(spec, settings, weights)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
