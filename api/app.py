@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.limits import BodySizeLimit
+from api.middleware import BodySizeLimit, DefaultJsonContentType
 from api.routes import health, jobs
 from jobs.queue import CeleryJobQueue
 from jobs.settings import Settings, get_settings
@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Queue-based batch inference for Mistral-7B-Instruct models",
         lifespan=lifespan,
     )
+    app.add_middleware(DefaultJsonContentType)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)

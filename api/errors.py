@@ -54,8 +54,10 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     value = first.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
     message = f"{param}: {first.get('msg')} (got {shown})" if param else str(first.get("msg"))
-    if first.get("type") == "missing" and param == "":
+    if param is None and first.get("type") == "missing":
         message = "a JSON body is required"
+    elif param is None and first.get("type") in ("model_type", "model_attributes_type"):
+        message = "the body must be a JSON object"
     return error_response(422, "invalid_parameter", message, param)
 
 

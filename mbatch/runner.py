@@ -113,7 +113,7 @@ def run_file(path: Path, output: Path | None, model: str, state_dir: Path) -> in
     from worker.runtime import WorkerRuntime
 
     settings = embedded_settings(state_dir, resolve_model(model).name)
-    upgrade(settings.database_url)
+    upgrade(settings.database_url, quiet=True)
     storage = storage_from_settings(settings)
     queue = InProcessQueue()
     results = submit_lines(path, settings, queue)

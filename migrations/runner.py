@@ -1,5 +1,6 @@
 """Apply migrations programmatically: the same path for `mbatch migrate`, `mbatch run` and tests."""
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -13,5 +14,7 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(database_url: str, revision: str = "head", quiet: bool = False) -> None:
+    if quiet:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     command.upgrade(alembic_config(database_url), revision)

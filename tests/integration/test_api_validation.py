@@ -192,3 +192,22 @@ def test_openapi_documents_the_routes(client: TestClient) -> None:
         spec["paths"]
     )
     assert spec["paths"]["/v1/jobs"]["post"]["description"]
+
+
+def test_json_sent_as_curls_default_form_type_is_read_as_json(
+    client: TestClient, alice: dict[str, str]
+) -> None:
+    response = client.post(
+        "/v1/jobs",
+        content=b'{"prompt": "hi", "max_tokens": 2}',
+        headers={**alice, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 202, response.text
+    bare = client.post("/v1/jobs", content=b'{"prompt": "hi", "max_tokens": 2}', headers=alice)
+    assert bare.status_code == 202, bare.text
+
+
+def test_a_body_that_is_not_an_object_says_so(client: TestClient, alice: dict[str, str]) -> None:
+    response = post(client, alice, [1, 2, 3])
+    assert_error(response, 422, None)
+    assert response.json()["error"]["message"] == "the body must be a JSON object"

@@ -2,12 +2,13 @@
 
 import json
 import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
 TINY_CONFIG: dict[str, Any] = {
     "vocab_size": 32000,
@@ -49,8 +50,21 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
             if param.dim() > 1:
                 param.normal_(0.0, 0.3)
     model.save_pretrained(directory, safe_serialization=True)
-    data = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
-    with resources.as_file(data) as source:
-        shutil.copyfile(source, directory / "tokenizer.model")
-    (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+    save_tokenizer(directory)
     return directory
+
+
+def save_tokenizer(directory: Path) -> None:
+    """The v1 tokenizer as Hugging Face files (`tokenizer.json` with the real ids) plus the
+    SentencePiece `tokenizer.model` that mbatch itself tokenizes with.
+
+    A folder holding only `tokenizer.model` and `tokenizer_config.json` loads through
+    `AutoTokenizer` as the Llama tokenizer it is; beside a model `config.json` it would not,
+    so the tokenizer is loaded on its own first and saved next to the model.
+    """
+    data = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    with tempfile.TemporaryDirectory() as staging, resources.as_file(data) as source:
+        shutil.copyfile(source, Path(staging) / "tokenizer.model")
+        (Path(staging) / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+        AutoTokenizer.from_pretrained(staging).save_pretrained(directory)
+        shutil.copyfile(source, directory / "tokenizer.model")

@@ -1,4 +1,4 @@
-"""A request body larger than the configured limit is refused with 413 before it is read whole."""
+"""ASGI middleware: the body size limit, and JSON bodies sent without a JSON content type."""
 
 import json
 
@@ -64,3 +64,22 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class DefaultJsonContentType:
+    """Read a body sent without a content type, or as curl's default form type, as JSON.
+
+    `curl -d '{...}'` labels JSON as a form, and the Workers AI examples send it that way;
+    multipart uploads keep their type.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+            content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+            if content_type in (b"", b"application/x-www-form-urlencoded"):
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

@@ -1,0 +1,50 @@
+"""The command line as a user runs it."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests import services
+
+EXAMPLES = Path(__file__).parents[2] / "examples" / "prompts.jsonl"
+
+
+def test_make_tiny_model_writes_a_folder_from_pretrained_loads(tmp_path: Path) -> None:
+    target = tmp_path / "tiny"
+    subprocess.run(services.mbatch("make-tiny-model", str(target)), check=True)
+    model = AutoModelForCausalLM.from_pretrained(target)
+    assert type(model).__name__ == "MistralForCausalLM"
+    assert model.num_parameters() < 10_000_000
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    assert len(tokenizer) == 32000
+    assert tokenizer("[INST]").input_ids == [1, 733, 16289, 28793]
+
+
+def test_run_writes_one_line_per_input_line_in_order(tmp_path: Path, models_dir: Path) -> None:
+    lines = EXAMPLES.read_text().splitlines()
+    bad_line = json.dumps({"prompt": "hi", "temperature": 9})
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join([*lines[:3], bad_line, "not json", *lines[3:]]) + "\n")
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "MBATCH_MODELS_DIR": str(models_dir)}
+    result = subprocess.run(
+        services.mbatch("run", str(source), "-o", str(out), "--state-dir", str(tmp_path / "state")),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1  # two lines failed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["line"] for row in rows] == list(range(1, len(lines) + 3))
+    failed = [row for row in rows if row["status"] != "succeeded"]
+    assert [row["line"] for row in failed] == [4, 5]
+    assert failed[0]["error"]["param"] == "temperature"
+    for row in rows:
+        if row["status"] == "succeeded":
+            assert row["usage"]["completion_tokens"] > 0 and row["cost"]["total"] > 0
+    assert {row.get("custom_id") for row in rows} >= {"request-1", "request-2"}
+    assert f"jobs: {len(rows)} ({len(rows) - 2} succeeded, 2 failed)" in result.stderr
+    assert "completion tokens/s" in result.stderr and "cost: $" in result.stderr
