@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import ColumnElement, case, select, update
 from sqlalchemy.orm import Session
 
 from jobs.errors import NotFound
@@ -122,48 +122,65 @@ class Outcome:
     cost_output: Decimal
 
 
-def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
-    """Record a result once: only the current claim of a running job can; False otherwise."""
+def _held(claim: Claim) -> tuple[ColumnElement[bool], ...]:
+    """The job is running under this very claim."""
+    return (
+        Job.id == claim.job.id,
+        Job.claim_token == claim.token,
+        Job.status == JobStatus.running,
+    )
+
+
+def _finish(session: Session, claim: Claim, values: dict[str, Any]) -> bool:
+    """End a running job under its current claim; False where the claim is no longer current
+    (the job was cancelled, recorded already, or given to another worker)."""
     result = session.execute(
         update(Job)
-        .where(
-            Job.id == claim.job.id,
-            Job.claim_token == claim.token,
-            Job.status == JobStatus.running,
-        )
-        .values(
-            status=JobStatus.succeeded,
-            finished_at=utcnow(),
-            completion_tokens=outcome.completion_tokens,
-            finish_reason=outcome.finish_reason,
-            response_text=outcome.response_text,
-            response_uri=outcome.response_uri,
-            cost_input=outcome.cost_input,
-            cost_output=outcome.cost_output,
-            claim_token=None,
-            lease_expires_at=None,
-        )
+        .where(*_held(claim))
+        .values(**values, finished_at=utcnow(), claim_token=None, lease_expires_at=None)
     )
     session.commit()
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
+    """Record a result once: only the current claim of a running job can; False otherwise."""
+    return _finish(
+        session,
+        claim,
+        {
+            "status": JobStatus.succeeded,
+            "completion_tokens": outcome.completion_tokens,
+            "finish_reason": outcome.finish_reason,
+            "response_text": outcome.response_text,
+            "response_uri": outcome.response_uri,
+            "cost_input": outcome.cost_input,
+            "cost_output": outcome.cost_output,
+        },
+    )
+
+
 def record_failure(session: Session, claim: Claim, code: str, message: str) -> bool:
+    return _finish(
+        session,
+        claim,
+        {"status": JobStatus.failed, "error_code": code, "error_message": message},
+    )
+
+
+def _give_back(session: Session, claim: Claim, max_attempts: int, code: str, message: str) -> bool:
+    """Queue a claimed job again, or fail it once it is out of attempts; True if queued."""
+    if claim.job.attempts >= max_attempts:
+        _finish(
+            session,
+            claim,
+            {"status": JobStatus.failed, "error_code": code, "error_message": message},
+        )
+        return False
     result = session.execute(
         update(Job)
-        .where(
-            Job.id == claim.job.id,
-            Job.claim_token == claim.token,
-            Job.status == JobStatus.running,
-        )
-        .values(
-            status=JobStatus.failed,
-            finished_at=utcnow(),
-            error_code=code,
-            error_message=message,
-            claim_token=None,
-            lease_expires_at=None,
-        )
+        .where(*_held(claim))
+        .values(status=JobStatus.queued, enqueued_at=None, claim_token=None, lease_expires_at=None)
     )
     session.commit()
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -185,29 +202,18 @@ def release_expired(session: Session, max_attempts: int, now: datetime | None = 
 
     Returns the jobs that are queued again, for publishing.
     """
-    requeued = []
-    for job in expired_claims(session, now):
-        out_of_attempts = job.attempts >= max_attempts
-        values: dict[str, object] = {"claim_token": None, "lease_expires_at": None}
-        if out_of_attempts:
-            values.update(
-                status=JobStatus.failed,
-                finished_at=utcnow(),
-                error_code="worker_lost",
-                error_message=f"the worker running this job stopped {job.attempts} times",
-            )
-        else:
-            values.update(status=JobStatus.queued, enqueued_at=None)
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.claim_token == job.claim_token)
-            .where(Job.status == JobStatus.running)
-            .values(**values)
+    return [
+        job
+        for job in expired_claims(session, now)
+        if job.claim_token is not None
+        and _give_back(
+            session,
+            Claim(job, job.claim_token),
+            max_attempts,
+            "worker_lost",
+            f"the worker running this job stopped {job.attempts} times",
         )
-        if result.rowcount == 1 and not out_of_attempts:  # type: ignore[attr-defined]
-            requeued.append(job)
-    session.commit()
-    return requeued
+    ]
 
 
 def due_for_publish(
@@ -242,26 +248,8 @@ def release_claims(
 ) -> list[Job]:
     """Give claimed jobs back after a batch-wide failure: queued again, or failed when out of
     attempts. Returns the jobs queued again."""
-    requeued = []
-    for claim in claims:
-        out_of_attempts = claim.job.attempts >= max_attempts
-        values: dict[str, object] = {"claim_token": None, "lease_expires_at": None}
-        if out_of_attempts:
-            values.update(
-                status=JobStatus.failed,
-                finished_at=utcnow(),
-                error_code="engine_error",
-                error_message=reason,
-            )
-        else:
-            values.update(status=JobStatus.queued, enqueued_at=None)
-        result = session.execute(
-            update(Job)
-            .where(Job.id == claim.job.id, Job.claim_token == claim.token)
-            .where(Job.status == JobStatus.running)
-            .values(**values)
-        )
-        if result.rowcount == 1 and not out_of_attempts:  # type: ignore[attr-defined]
-            requeued.append(claim.job)
-    session.commit()
-    return requeued
+    return [
+        claim.job
+        for claim in claims
+        if _give_back(session, claim, max_attempts, "engine_error", reason)
+    ]

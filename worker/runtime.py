@@ -60,31 +60,25 @@ class WorkerRuntime:
         in Postgres, the message's own job first. A job already claimed or finished is
         skipped, which is what makes a repeated message harmless.
         """
+        claims = self._claim(first_id=job_id)
+        return self.run_claims(claims) if claims else 0
+
+    def _claim(self, first_id: str | None = None) -> list[Claim]:
         with self.session_scope() as session:
-            claims = queries.claim_batch(
+            return queries.claim_batch(
                 session,
                 self.model_name,
                 self.worker_id,
                 self.settings.lease_seconds,
                 self.settings.max_batch_size,
-                first_id=job_id,
+                first_id=first_id,
             )
-        if not claims:
-            return 0
-        return self.run_claims(claims)
 
     def drain(self, on_batch: Callable[[list[Claim]], None] | None = None) -> int:
         """Run batches until nothing is queued for this model (the one-process pipeline)."""
         done = 0
         while True:
-            with self.session_scope() as session:
-                claims = queries.claim_batch(
-                    session,
-                    self.model_name,
-                    self.worker_id,
-                    self.settings.lease_seconds,
-                    self.settings.max_batch_size,
-                )
+            claims = self._claim()
             if not claims:
                 return done
             done += self.run_claims(claims)
