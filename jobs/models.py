@@ -5,7 +5,18 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, Index, Integer, Numeric, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    Float,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from jobs.db import Base
@@ -76,6 +87,8 @@ class Job(Base):
     claim_token: Mapped[str | None] = mapped_column(String(40))
     claimed_by: Mapped[str | None] = mapped_column(String(256))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The jobs claimed together, which ran in one static batch (or its length groups).
+    batch_id: Mapped[str | None] = mapped_column(String(40))
 
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -84,5 +97,7 @@ class Job(Base):
     response_uri: Mapped[str | None] = mapped_column(Text)
     cost_input: Mapped[Decimal | None] = mapped_column(MONEY)
     cost_output: Mapped[Decimal | None] = mapped_column(MONEY)
+    # This job's share of its batch's compute time, by tokens: for pricing by GPU time.
+    compute_seconds: Mapped[float | None] = mapped_column(Float)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)

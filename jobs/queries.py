@@ -6,12 +6,13 @@ holder of the current claim, so it is recorded at most once.
 """
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, select, update
+from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.orm import Session
 
 from jobs.errors import NotFound
@@ -55,6 +56,15 @@ class Claim:
     token: str
 
 
+def count_queued(session: Session, model: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).where(Job.model == model, Job.status == JobStatus.queued)
+        )
+        or 0
+    )
+
+
 def claim_batch(
     session: Session,
     model: str,
@@ -62,11 +72,14 @@ def claim_batch(
     lease_seconds: int,
     limit: int,
     first_id: str | None = None,
+    choose: Callable[[list[Job]], list[Job]] | None = None,
 ) -> list[Claim]:
-    """Claim up to `limit` queued jobs of `model`, `first_id` first, oldest next.
+    """Claim queued jobs of `model`: of the `limit` oldest (`first_id` first), those that
+    `choose` picks, or all of them.
 
     Rows locked by another claimer are skipped (Postgres `SKIP LOCKED`), so concurrent
-    workers never claim the same job. Each claim counts as an attempt.
+    workers never claim the same job. Each claim counts as an attempt, and the jobs claimed
+    together share a batch id.
     """
     order: list[Any] = [Job.created_at]
     if first_id is not None:
@@ -78,9 +91,11 @@ def claim_batch(
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
+    chosen = choose(list(candidates)) if choose is not None else list(candidates)
     now = utcnow()
+    batch_id = "batch_" + secrets.token_hex(8)
     claims = []
-    for job in candidates:
+    for job in chosen:
         token = secrets.token_hex(16)
         result = session.execute(
             update(Job)
@@ -92,6 +107,7 @@ def claim_batch(
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 attempts=Job.attempts + 1,
                 started_at=now,
+                batch_id=batch_id,
             )
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
@@ -120,6 +136,7 @@ class Outcome:
     response_uri: str | None
     cost_input: Decimal
     cost_output: Decimal
+    compute_seconds: float
 
 
 def _held(claim: Claim) -> tuple[ColumnElement[bool], ...]:
@@ -156,6 +173,7 @@ def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
             "response_uri": outcome.response_uri,
             "cost_input": outcome.cost_input,
             "cost_output": outcome.cost_output,
+            "compute_seconds": outcome.compute_seconds,
         },
     )
 

@@ -25,6 +25,14 @@ class Settings(BaseSettings):
 
     # Worker: batching and the claim on a job.
     max_batch_size: int = 32
+    # Prompt plus max_tokens, summed over a batch: the most KV cache a batch can need.
+    max_batch_tokens: int = 65536
+    # How long a worker waits for stragglers before it runs a batch that is not full.
+    batch_wait_ms: int = 50
+    # A batch is chosen among this many times max_batch_size of the oldest queued jobs.
+    claim_lookahead: int = 4
+    # Split a claimed batch where padding would pass this fraction of the prompt tokens.
+    max_padding: float = 0.5
     lease_seconds: int = 900
     max_attempts: int = 3
     # A queued job whose message has not been picked up for this long is published again

@@ -2,13 +2,16 @@
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
 from jobs import queries
 from jobs.maintenance import maintain
+from jobs.models import Job
 from jobs.pricing import price
 from jobs.queries import Claim, Outcome
 from jobs.queue import JobQueue
@@ -17,7 +20,8 @@ from jobs.service import publish
 from jobs.settings import Settings
 from jobs.storage import Storage
 from jobs.tokenizer import encode_job_input
-from worker.engine.decode import generate
+from worker.engine.batching import plan_groups, select_batch
+from worker.engine.decode import Generation, generate
 from worker.engine.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,13 @@ SessionScope = Callable[[], AbstractContextManager[Session]]
 
 def result_key(job_id: str) -> str:
     return f"results/{job_id}.txt"
+
+
+@dataclass(frozen=True)
+class _ClaimedRow:
+    claim: Claim
+    prompt: list[int]
+    params: SamplingParams
 
 
 class WorkerRuntime:
@@ -56,23 +67,13 @@ class WorkerRuntime:
     def handle_message(self, job_id: str) -> int:
         """Run the batch that a message wakes us for; returns how many jobs it recorded.
 
-        The message only says there is work: the batch is whatever is queued for this model
-        in Postgres, the message's own job first. A job already claimed or finished is
-        skipped, which is what makes a repeated message harmless.
+        The message only says there is work: the batch is formed from what is queued for
+        this model in Postgres, the message's own job first. A job already claimed or
+        finished is skipped, which is what makes a repeated message harmless.
         """
+        self._wait_for_stragglers()
         claims = self._claim(first_id=job_id)
         return self.run_claims(claims) if claims else 0
-
-    def _claim(self, first_id: str | None = None) -> list[Claim]:
-        with self.session_scope() as session:
-            return queries.claim_batch(
-                session,
-                self.model_name,
-                self.worker_id,
-                self.settings.lease_seconds,
-                self.settings.max_batch_size,
-                first_id=first_id,
-            )
 
     def drain(self, on_batch: Callable[[list[Claim]], None] | None = None) -> int:
         """Run batches until nothing is queued for this model (the one-process pipeline)."""
@@ -85,63 +86,99 @@ class WorkerRuntime:
             if on_batch is not None:
                 on_batch(claims)
 
+    def _wait_for_stragglers(self) -> None:
+        """Give a batch that is not full a bounded moment to fill."""
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        while time.monotonic() < deadline:
+            with self.session_scope() as session:
+                if queries.count_queued(session, self.model_name) >= self.settings.max_batch_size:
+                    return
+            time.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
+
+    def _choose(self, candidates: list[Job]) -> list[Job]:
+        return select_batch(
+            candidates,
+            prompt_tokens=lambda job: job.prompt_tokens,
+            max_tokens=lambda job: int(job.sampling["max_tokens"]),
+            max_batch_size=self.settings.max_batch_size,
+            max_batch_tokens=self.settings.max_batch_tokens,
+        )
+
+    def _claim(self, first_id: str | None = None) -> list[Claim]:
+        with self.session_scope() as session:
+            return queries.claim_batch(
+                session,
+                self.model_name,
+                self.worker_id,
+                self.settings.lease_seconds,
+                self.settings.max_batch_size * self.settings.claim_lookahead,
+                first_id=first_id,
+                choose=self._choose,
+            )
+
     def run_claims(self, claims: list[Claim]) -> int:
         with self._lock:
             self._running = list(claims)
         try:
-            return self._run(claims)
+            rows = self._prepare(claims)
+            groups = plan_groups(rows, lambda row: len(row.prompt), self.settings.max_padding)
+            return sum(self._run_group(group) for group in groups)
         finally:
             with self._lock:
                 self._running = []
 
-    def _run(self, claims: list[Claim]) -> int:
-        tokenizer = self.loaded.tokenizer
-        ready: list[tuple[Claim, list[int], SamplingParams]] = []
-        recorded = 0
+    def _prepare(self, claims: list[Claim]) -> list[_ClaimedRow]:
+        rows = []
         for claim in claims:
             try:
-                ids = encode_job_input(tokenizer, claim.job.input)
+                prompt = encode_job_input(self.loaded.tokenizer, claim.job.input)
                 params = SamplingParams.from_dict(claim.job.sampling)
             except Exception as exc:  # a bad stored job fails alone; its batch mates run
                 with self.session_scope() as session:
                     queries.record_failure(session, claim, "invalid_job", str(exc))
                 continue
-            ready.append((claim, ids, params))
-        if not ready:
-            return 0
+            rows.append(_ClaimedRow(claim, prompt, params))
+        return rows
+
+    def _run_group(self, group: list[_ClaimedRow]) -> int:
         try:
             generations = generate(
-                self.loaded, [ids for _, ids, _ in ready], [p for _, _, p in ready]
+                self.loaded, [row.prompt for row in group], [row.params for row in group]
             )
         except Exception as exc:
-            log.exception("batch of %d failed; giving its jobs back", len(ready))
+            log.exception("batch of %d failed; giving its jobs back", len(group))
             with self.session_scope() as session:
                 requeued = queries.release_claims(
-                    session, [c for c, _, _ in ready], self.settings.max_attempts, repr(exc)
+                    session, [row.claim for row in group], self.settings.max_attempts, repr(exc)
                 )
                 publish(session, self.queue, requeued)
             return 0
-        for (claim, ids, _), generation in zip(ready, generations, strict=True):
-            cost = price(self.loaded.spec, len(ids), len(generation.token_ids))
-            text, uri = generation.text, None
-            if len(text.encode()) > self.settings.result_inline_max_bytes:
-                uri = result_key(claim.job.id)
-                self.storage.put_bytes(uri, text.encode())
-                text = None  # type: ignore[assignment]
-            outcome = Outcome(
-                completion_tokens=len(generation.token_ids),
-                finish_reason=generation.finish_reason,
-                response_text=text,
-                response_uri=uri,
-                cost_input=cost.input,
-                cost_output=cost.output,
-            )
+        recorded = 0
+        for row, generation in zip(group, generations, strict=True):
             with self.session_scope() as session:
-                if queries.record_success(session, claim, outcome):
+                if queries.record_success(session, row.claim, self._outcome(row, generation)):
                     recorded += 1
                 else:
-                    log.info("job %s was cancelled or reclaimed; result dropped", claim.job.id)
+                    log.info("job %s was cancelled or reclaimed; result dropped", row.claim.job.id)
         return recorded
+
+    def _outcome(self, row: _ClaimedRow, generation: Generation) -> Outcome:
+        cost = price(self.loaded.spec, len(row.prompt), len(generation.token_ids))
+        text: str | None = generation.text
+        uri = None
+        if len(generation.text.encode()) > self.settings.result_inline_max_bytes:
+            uri = result_key(row.claim.job.id)
+            self.storage.put_bytes(uri, generation.text.encode())
+            text = None
+        return Outcome(
+            completion_tokens=len(generation.token_ids),
+            finish_reason=generation.finish_reason,
+            response_text=text,
+            response_uri=uri,
+            cost_input=cost.input,
+            cost_output=cost.output,
+            compute_seconds=generation.compute_seconds,
+        )
 
     def maintain(self) -> None:
         """Keep our claims alive, give back dead workers' jobs, publish what may be lost."""

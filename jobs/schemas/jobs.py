@@ -46,6 +46,8 @@ class JobPublic(BaseModel):
     usage: Usage | None
     cost: CostPublic | None
     finish_reason: str | None
+    # This job's share of its batch's compute time, by tokens.
+    compute_seconds: float | None
     error: ErrorPublic | None
     metadata: dict[str, str] | None
 
@@ -91,6 +93,7 @@ def job_public(job: Job, storage: Storage) -> JobPublic:
         usage=usage,
         cost=cost,
         finish_reason=job.finish_reason,
+        compute_seconds=job.compute_seconds,
         error=error,
         metadata=job.metadata_,
     )

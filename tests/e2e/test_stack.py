@@ -1,6 +1,7 @@
 """The whole path on real parts: `mbatch api` and `mbatch worker` as separate processes, with
 Postgres, Redis and an S3 server."""
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -88,6 +89,7 @@ def test_a_chat_job_runs_end_to_end(
     assert done["metadata"] == {"run": "e2e"}
     assert done["finish_reason"] in ("stop", "length")
     assert done["started_at"] and done["finished_at"]
+    assert done["compute_seconds"] > 0
 
     with session_scope(settings.database_url) as session:
         row = session.get(Job, job["id"])
@@ -150,3 +152,23 @@ def test_a_killed_workers_job_is_found_and_run_again(
     assert datetime.fromisoformat(done["finished_at"]) > datetime.fromisoformat(
         running["started_at"]
     )
+
+
+def test_jobs_of_different_clients_share_one_batch(
+    stack: Stack, key: dict[str, str], settings: Settings
+) -> None:
+    other = {"Authorization": f"Bearer {create_key(stack.env, 'erin')}"}
+    bodies = [{"prompt": f"Question {i}", "max_tokens": 6, "seed": i + 1} for i in range(4)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = list(
+            pool.map(
+                lambda pair: submit(stack, pair[0], pair[1]),
+                [(client, body) for body in bodies for client in (key, other)],
+            )
+        )
+    for job, client in zip(jobs, [key, other] * 4, strict=True):
+        assert wait_for_status(stack, client, job["id"], FINISHED)["status"] == "succeeded"
+    with session_scope(settings.database_url) as session:
+        rows = [session.get(Job, job["id"]) for job in jobs]
+        assert {row.owner for row in rows if row} == {"carol", "erin"}
+        assert len({row.batch_id for row in rows if row}) == 1

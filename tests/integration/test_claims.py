@@ -22,6 +22,7 @@ OUTCOME = Outcome(
     response_uri=None,
     cost_input=Decimal("0.000001"),
     cost_output=Decimal("0.000002"),
+    compute_seconds=0.5,
 )
 MODEL = "tiny-random-mistral"
 

@@ -1,5 +1,6 @@
-"""The decode loop on the tiny model: greedy equals Hugging Face `generate`."""
+"""The decode loop on the tiny model against Hugging Face `generate` and against itself."""
 
+import random
 from pathlib import Path
 
 import pytest
@@ -18,24 +19,99 @@ def loaded(models_dir: Path) -> LoadedModel:
     return load_model(resolve_model("tiny-random-mistral"), Settings(models_dir=models_dir))
 
 
-PROMPTS = ["Tell me a story", "hi", "What is the capital of France? Answer in one word please."]
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "seven",
+    "dogs",
+    "ran",
+    "past",
+    "old",
+    "red",
+    "barns",
+    "under",
+    "grey",
+    "skies",
+]
 
 
-def test_greedy_rows_match_generate_alone(loaded: LoadedModel) -> None:
-    prompts = [loaded.tokenizer.encode_chat([ChatMessage("user", p)]) for p in PROMPTS]
-    params = [SamplingParams(max_tokens=n, temperature=0) for n in (12, 20, 7)]
+def random_prompt(loaded: LoadedModel, rng: random.Random, max_words: int = 60) -> list[int]:
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words)))
+    return loaded.tokenizer.encode_chat([ChatMessage("user", text)])
+
+
+def hf_greedy(loaded: LoadedModel, ids: list[int], max_tokens: int) -> list[int]:
+    out = loaded.model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=loaded.tokenizer.eos_id,
+        pad_token_id=0,
+    )[0, len(ids) :].tolist()
+    return out[:-1] if out and out[-1] == loaded.tokenizer.eos_id else out
+
+
+def test_greedy_rows_in_a_mixed_batch_match_generate_alone(loaded: LoadedModel) -> None:
+    rng = random.Random(3)
+    prompts = [random_prompt(loaded, rng) for _ in range(12)]
+    params = [
+        SamplingParams(max_tokens=rng.randint(1, 24), temperature=0 if i % 3 else 0.9, seed=i + 1)
+        for i in range(12)
+    ]
     batch = generate(loaded, prompts, params)
-    for ids, p, generation in zip(prompts, params, batch, strict=True):
-        reference = loaded.model.generate(
-            torch.tensor([ids]), max_new_tokens=p.max_tokens, do_sample=False
-        )[0, len(ids) :].tolist()
-        assert generation.token_ids == reference
-        assert generation.finish_reason == "length"
-        assert generation.text == loaded.tokenizer.decode(reference)
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    assert len(greedy_rows) == 8
+    for i in greedy_rows:
+        assert batch[i].token_ids == hf_greedy(loaded, prompts[i], params[i].max_tokens), i
+        assert batch[i].text == loaded.tokenizer.decode(batch[i].token_ids)
+
+
+def test_seeded_rows_give_the_same_output_alone_and_in_a_batch_of_32(loaded: LoadedModel) -> None:
+    rng = random.Random(11)
+    prompts = [random_prompt(loaded, rng) for _ in range(32)]
+    params = [
+        SamplingParams(
+            max_tokens=rng.randint(4, 20),
+            temperature=rng.choice([0.5, 0.8, 1.2]) if i < 24 else 0,
+            top_p=rng.choice([1.0, 0.9, 0.5]),
+            top_k=rng.choice([0, 5, 40]),
+            min_p=rng.choice([0.0, 0.05]),
+            frequency_penalty=rng.choice([0.0, 0.5]),
+            presence_penalty=rng.choice([0.0, 0.3]),
+            repetition_penalty=rng.choice([1.0, 1.3]),
+            seed=rng.randint(1, 9999999999) if i < 24 else None,
+        )
+        for i in range(32)
+    ]
+    batch = generate(loaded, prompts, params)
+    seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+    assert len(seeded) >= 20
+    for i in seeded:
+        alone = generate(loaded, [prompts[i]], [params[i]])[0]
+        assert batch[i].token_ids == alone.token_ids, i
+
+
+def test_a_seed_decides_the_output(loaded: LoadedModel) -> None:
+    ids = loaded.tokenizer.encode_chat([ChatMessage("user", "Tell me a story")])
+    outputs = {
+        tuple(
+            generate(loaded, [ids], [SamplingParams(max_tokens=8, temperature=1.0, seed=s)])[
+                0
+            ].token_ids
+        )
+        for s in range(1, 6)
+    }
+    assert len(outputs) > 1  # different seeds, different draws
 
 
 def test_stop_string_cuts_the_text(loaded: LoadedModel) -> None:
-    ids = loaded.tokenizer.encode_chat([ChatMessage("user", PROMPTS[0])])
+    ids = loaded.tokenizer.encode_chat([ChatMessage("user", "Tell me a story")])
     free = generate(loaded, [ids], [SamplingParams(max_tokens=12, temperature=0)])[0]
     stop = free.text[5:8]
     stopped = generate(loaded, [ids], [SamplingParams(max_tokens=12, temperature=0, stop=(stop,))])[
@@ -43,18 +119,7 @@ def test_stop_string_cuts_the_text(loaded: LoadedModel) -> None:
     ]
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.find(stop)]
-
-
-def test_seeded_row_gives_the_same_tokens_alone_and_in_a_batch(loaded: LoadedModel) -> None:
-    prompts = [loaded.tokenizer.encode_chat([ChatMessage("user", p)]) for p in PROMPTS]
-    seeded = SamplingParams(max_tokens=10, temperature=0.8, seed=1234)
-    alone = generate(loaded, [prompts[1]], [seeded])[0]
-    others = [
-        SamplingParams(max_tokens=15, temperature=1.0),
-        SamplingParams(max_tokens=5, temperature=0),
-    ]
-    batched = generate(loaded, [prompts[0], prompts[1], prompts[2]], [others[0], seeded, others[1]])
-    assert batched[1].token_ids == alone.token_ids
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
 
 
 def test_context_caps_max_tokens(loaded: LoadedModel) -> None:
@@ -63,3 +128,14 @@ def test_context_caps_max_tokens(loaded: LoadedModel) -> None:
     generation = generate(loaded, [ids], [SamplingParams(max_tokens=50, temperature=0)])[0]
     assert len(generation.token_ids) <= 3
     assert generation.finish_reason in ("length", "stop")
+
+
+def test_compute_time_is_shared_by_tokens(loaded: LoadedModel) -> None:
+    rng = random.Random(5)
+    prompts = [random_prompt(loaded, rng, 5), random_prompt(loaded, rng, 60)]
+    params = [
+        SamplingParams(max_tokens=2, temperature=0),
+        SamplingParams(max_tokens=30, temperature=0),
+    ]
+    short, long = generate(loaded, prompts, params)
+    assert 0 < short.compute_seconds < long.compute_seconds

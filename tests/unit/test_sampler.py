@@ -14,8 +14,9 @@ def tensors(**params: object) -> SamplingTensors:
 
 
 def kept(**params: object) -> set[int]:
-    probs, ids = filtered_probs(LOGITS, tensors(**params))
-    return {int(ids[0, i]) for i in range(VOCAB) if probs[0, i] > 0}
+    probs = filtered_probs(LOGITS, tensors(**params))
+    assert abs(float(probs.sum()) - 1) < 1e-5
+    return {i for i in range(VOCAB) if probs[0, i] > 0}
 
 
 def no_history() -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,3 +87,30 @@ def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
     probs = torch.softmax(LOGITS[0], dim=-1)
     for token in range(VOCAB):
         assert abs(draws.count(token) / 2000 - float(probs[token])) < 0.04
+
+
+def test_temperature_scales_the_distribution() -> None:
+    probs = filtered_probs(LOGITS, tensors(temperature=2.0))
+    assert torch.allclose(probs[0], torch.softmax(LOGITS[0] / 2.0, dim=-1), atol=1e-6)
+
+
+def test_draws_never_leave_the_kept_set() -> None:
+    seen, counts = no_history()
+    for seed in range(1, 300):
+        params = {"temperature": 3.0, "top_k": 3, "top_p": 0.9, "min_p": 0.1, "seed": seed}
+        token = int(sample(LOGITS, seen, counts, tensors(**params)))
+        assert token in kept(**params)
+
+
+def test_rows_of_a_batch_keep_their_own_parameters() -> None:
+    params = [
+        SamplingParams(temperature=1.0, top_k=2),
+        SamplingParams(temperature=1.0, top_p=0.5),
+        SamplingParams(temperature=1.0, min_p=0.5),
+        SamplingParams(temperature=1.0),
+    ]
+    batch = SamplingTensors.from_params(params, VOCAB, torch.device("cpu"))
+    probs = filtered_probs(LOGITS.repeat(4, 1), batch)
+    for row, p in enumerate(params):
+        alone = filtered_probs(LOGITS, SamplingTensors.from_params([p], VOCAB, torch.device("cpu")))
+        assert torch.allclose(probs[row], alone[0])

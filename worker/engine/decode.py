@@ -1,10 +1,16 @@
-"""The decode loop: one prefill over left-padded prompts, then one token per row per step."""
+"""The decode loop: one prefill over left-padded prompts, then one token per row per step.
 
+Rows that finish leave the batch at once: their rows of the KV cache are dropped, and so are
+cache columns that only padding still occupies, so no compute goes to finished work.
+"""
+
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from jobs.sampling import SamplingParams
 from worker.engine.loader import LoadedModel
@@ -16,6 +22,7 @@ class Generation:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    compute_seconds: float  # this row's share of the batch's time, by tokens
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
@@ -24,80 +31,149 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
     return text[: min(found)] if found else None
 
 
+class _Row:
+    """The state of one prompt while it decodes."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, budget: int) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.budget = budget
+        self.tokens: list[int] = []
+        self.finish: str | None = "length" if budget == 0 else None
+        self.cut_text: str | None = None
+        self.seconds = 0.0
+
+    def accept(self, token: int, eos_id: int, decode: "_Decode") -> None:
+        if token == eos_id:
+            self.finish = "stop"
+            return
+        self.tokens.append(token)
+        if self.params.stop:
+            cut = _cut_at_stop(decode(self.tokens), self.params.stop)
+            if cut is not None:
+                self.cut_text, self.finish = cut, "stop"
+                return
+        if len(self.tokens) >= self.budget:
+            self.finish = "length"
+
+
+class _Decode:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.tokenizer = loaded.tokenizer
+
+    def __call__(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def _trimmable(cache: DynamicCache) -> bool:
+    """Leading columns can be cut only from plain layers; sliding-window layers count theirs."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _select_cache(cache: DynamicCache, keep: torch.Tensor, drop_columns: int) -> None:
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or values is None:
+            continue
+        keys, values = keys[keep], values[keep]
+        if drop_columns:
+            keys, values = keys[:, :, drop_columns:], values[:, :, drop_columns:]
+        layer.keys, layer.values = keys, values  # type: ignore[union-attr]
+
+
 @torch.inference_mode()
 def generate(
     loaded: LoadedModel, prompts: Sequence[list[int]], params: Sequence[SamplingParams]
 ) -> list[Generation]:
     """Decode every prompt with its own sampling parameters, in one batch."""
-    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
-    batch = len(prompts)
+    model, device = loaded.model, loaded.device
     vocab = model.config.vocab_size
     context = loaded.spec.context_length
+    eos_id = loaded.tokenizer.eos_id
+    decode = _Decode(loaded)
     # A prompt that leaves less room than max_tokens is capped and reports "length".
-    budgets = [
-        min(p.max_tokens, max(context - len(ids), 0))
+    rows = [
+        _Row(list(ids), p, min(p.max_tokens, max(context - len(ids), 0)))
         for ids, p in zip(prompts, params, strict=True)
     ]
+    active = [index for index, row in enumerate(rows) if row.finish is None]
+    if not active:
+        return _results(rows, decode)
 
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.zeros((batch, width), dtype=torch.long, device=device)
-    attention = torch.zeros((batch, width), dtype=torch.long, device=device)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, device=device)
-        attention[row, width - len(ids) :] = 1
+    width = max(len(rows[i].prompt) for i in active)
+    input_ids = torch.zeros((len(active), width), dtype=torch.long, device=device)
+    attention = torch.zeros((len(active), width), dtype=torch.long, device=device)
+    for slot, index in enumerate(active):
+        ids = rows[index].prompt
+        input_ids[slot, width - len(ids) :] = torch.tensor(ids, device=device)
+        attention[slot, width - len(ids) :] = 1
     positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
 
-    tensors = SamplingTensors.from_params(params, vocab, device)
+    tensors = SamplingTensors.from_params([rows[i].params for i in active], vocab, device)
     seen = (
-        torch.zeros((batch, vocab), device=device).scatter_add_(1, input_ids, attention.float()) > 0
+        torch.zeros((len(active), vocab), device=device).scatter_add_(
+            1, input_ids, attention.float()
+        )
+        > 0
     )
-    counts = torch.zeros((batch, vocab), dtype=torch.int32, device=device)
-
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    finish: list[str | None] = [None] * batch
-    cut_texts: list[str | None] = [None] * batch
+    counts = torch.zeros((len(active), vocab), dtype=torch.int32, device=device)
     cache = DynamicCache()
     step_ids, step_positions = input_ids, positions
-    for row in range(batch):
-        if budgets[row] == 0:
-            finish[row] = "length"
-    while any(reason is None for reason in finish):
+    prefill = True
+    while active:
+        started = time.perf_counter()
         logits = model(
             input_ids=step_ids,
             attention_mask=attention,
             position_ids=step_positions,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,
         ).logits[:, -1, :]
         tokens = sample(logits, seen, counts, tensors)
         token_list = tokens.tolist()
-        for row, token in enumerate(token_list):
-            if finish[row] is not None:
-                continue
-            if token == tokenizer.eos_id:
-                finish[row] = "stop"
-                continue
-            outputs[row].append(token)
-            stops = params[row].stop
-            if stops:
-                cut = _cut_at_stop(tokenizer.decode(outputs[row]), stops)
-                if cut is not None:
-                    cut_texts[row], finish[row] = cut, "stop"
-                    continue
-            if len(outputs[row]) >= budgets[row]:
-                finish[row] = "length"
-        rows = torch.arange(batch, device=device)
-        seen[rows, tokens] = True
-        counts[rows, tokens] += 1
+        elapsed = time.perf_counter() - started
+        # Each row's share: by prompt tokens for the prefill, one token each afterwards.
+        weights = [len(rows[i].prompt) if prefill else 1 for i in active]
+        for index, weight in zip(active, weights, strict=True):
+            rows[index].seconds += elapsed * weight / sum(weights)
+        prefill = False
+
+        slots = torch.arange(len(active), device=device)
+        seen[slots, tokens] = True
+        counts[slots, tokens] += 1
+        for index, token in zip(active, token_list, strict=True):
+            rows[index].accept(token, eos_id, decode)
+
         step_ids = tokens.unsqueeze(1)
         step_positions = step_positions[:, -1:] + 1
-        attention = torch.cat([attention, attention.new_ones((batch, 1))], dim=1)
+        attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
+        still = [slot for slot, index in enumerate(active) if rows[index].finish is None]
+        if len(still) < len(active):
+            if not still:
+                break
+            keep = torch.tensor(still, device=device)
+            attention = attention[keep]
+            # Columns that are padding in every remaining row need no more attention.
+            drop = 0
+            if _trimmable(cache):
+                drop = int((attention == 0).all(dim=0).long().cumprod(dim=0).sum())
+            attention = attention[:, drop:]
+            _select_cache(cache, keep, drop)
+            step_ids, step_positions = step_ids[keep], step_positions[keep]
+            seen, counts = seen[keep], counts[keep]
+            tensors = tensors.select(keep)
+            active = [active[slot] for slot in still]
+    return _results(rows, decode)
 
+
+def _results(rows: list[_Row], decode: _Decode) -> list[Generation]:
     return [
         Generation(
-            token_ids=outputs[row],
-            text=cut if (cut := cut_texts[row]) is not None else tokenizer.decode(outputs[row]),
-            finish_reason=finish[row] or "length",
+            token_ids=row.tokens,
+            text=row.cut_text if row.cut_text is not None else decode(row.tokens),
+            finish_reason=row.finish or "length",
+            compute_seconds=row.seconds,
         )
-        for row in range(batch)
+        for row in rows
     ]

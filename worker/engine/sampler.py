@@ -2,7 +2,8 @@
 
 Greedy and random rows share one pass and are told apart with `torch.where`; every row draws
 its one uniform number per step from its own generator, so a seeded row's tokens do not
-depend on the other rows of its batch.
+depend on the other rows of its batch. The vocabulary is sorted only for the rows that ask
+for top_p: top_k takes a threshold from `topk`, min_p one from the row's best token.
 """
 
 from collections.abc import Sequence
@@ -55,6 +56,29 @@ class SamplingTensors:
             generators=generators,
         )
 
+    def select(self, keep: torch.Tensor) -> "SamplingTensors":
+        """The rows still decoding, in the same order."""
+        rows = keep.tolist()
+        return SamplingTensors(
+            temperature=self.temperature[keep],
+            top_p=self.top_p[keep],
+            top_k=self.top_k[keep],
+            min_p=self.min_p[keep],
+            repetition_penalty=self.repetition_penalty[keep],
+            frequency_penalty=self.frequency_penalty[keep],
+            presence_penalty=self.presence_penalty[keep],
+            greedy=self.greedy[keep],
+            generators=[self.generators[row] for row in rows],
+        )
+
+    @property
+    def uses_repetition_penalty(self) -> bool:
+        return bool((self.repetition_penalty != 1).any())
+
+    @property
+    def uses_additive_penalties(self) -> bool:
+        return bool((self.frequency_penalty != 0).any() or (self.presence_penalty != 0).any())
+
 
 def apply_penalties(
     logits: torch.Tensor,
@@ -64,35 +88,46 @@ def apply_penalties(
 ) -> torch.Tensor:
     """Repetition penalty over prompt and output (Hugging Face), then frequency and presence
     penalties over the output alone (OpenAI)."""
-    penalty = tensors.repetition_penalty.unsqueeze(1)
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits = torch.where(seen, penalized, logits)
-    counts = generated_counts.to(logits.dtype)
-    logits = logits - tensors.frequency_penalty.unsqueeze(1) * counts
-    logits = logits - tensors.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    if tensors.uses_repetition_penalty:
+        penalty = tensors.repetition_penalty.unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
+    if tensors.uses_additive_penalties:
+        counts = generated_counts.to(logits.dtype)
+        logits = logits - tensors.frequency_penalty.unsqueeze(1) * counts
+        logits = logits - tensors.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
     return logits
 
 
-def filtered_probs(
-    logits: torch.Tensor, tensors: SamplingTensors
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities after temperature, top_k, top_p and min_p, in descending order of logit,
-    with the token ids of that order."""
-    temperature = torch.where(
-        tensors.greedy, torch.ones_like(tensors.temperature), tensors.temperature
-    )
+def filtered_probs(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
+    """Each row's distribution after temperature, top_k, top_p and min_p, in that order (zeros
+    where cut), in vocabulary order."""
+    ones = torch.ones_like(tensors.temperature)
+    temperature = torch.where(tensors.greedy, ones, tensors.temperature)
     scaled = logits / temperature.unsqueeze(1)
-    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
-    keep = ranks < tensors.top_k.unsqueeze(1)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    # top_p: keep the smallest prefix whose mass reaches top_p (always the first token).
-    mass_before = probs.cumsum(dim=-1) - probs
-    keep &= mass_before < tensors.top_p.unsqueeze(1)
-    keep &= probs >= tensors.min_p.unsqueeze(1) * probs[:, :1]
-    keep[:, 0] = True
-    probs = torch.where(keep, probs, torch.zeros_like(probs))
-    return probs / probs.sum(dim=-1, keepdim=True), sorted_ids
+    vocab = logits.shape[-1]
+    if bool((tensors.top_k < vocab).any()):
+        k_max = int(tensors.top_k[tensors.top_k < vocab].max())
+        top_values = scaled.topk(k_max, dim=-1).values
+        kth = top_values.gather(1, (tensors.top_k.clamp(max=k_max) - 1).unsqueeze(1))
+        limited = (tensors.top_k < vocab).unsqueeze(1)
+        scaled = torch.where(limited & (scaled < kth), float("-inf"), scaled)
+    probs = torch.softmax(scaled, dim=-1)
+    nucleus_rows = (tensors.top_p < 1).nonzero().squeeze(1)
+    if nucleus_rows.numel():
+        # top_p: keep the smallest prefix, by probability, whose mass reaches top_p.
+        subset = probs[nucleus_rows]
+        sorted_probs, order = subset.sort(dim=-1, descending=True)
+        total = sorted_probs.sum(dim=-1, keepdim=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        cut = mass_before >= tensors.top_p[nucleus_rows].unsqueeze(1) * total
+        cut[:, 0] = False
+        subset = subset.scatter(1, order, torch.where(cut, 0.0, sorted_probs))
+        probs = probs.index_copy(0, nucleus_rows, subset)
+    # min_p last, as vLLM orders them; the best token always stays, so its bar is unchanged.
+    min_p = tensors.min_p.unsqueeze(1)
+    probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def sample(
@@ -104,12 +139,16 @@ def sample(
     """One token per row: the argmax for greedy rows, a draw for the others."""
     logits = apply_penalties(logits.float(), seen, generated_counts, tensors)
     greedy_tokens = logits.argmax(dim=-1)
-    if bool(tensors.greedy.all()):  # nothing to draw: skip the sort over the vocabulary
+    if bool(tensors.greedy.all()):  # nothing to draw: skip the work over the vocabulary
         return greedy_tokens
-    probs, sorted_ids = filtered_probs(logits, tensors)
+    probs = filtered_probs(logits, tensors)
     uniforms = torch.stack([torch.rand((), generator=g) for g in tensors.generators])
     cdf = probs.cumsum(dim=-1)
-    index = torch.searchsorted(cdf, (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(1))
-    index = index.clamp(max=probs.shape[-1] - 1)
-    sampled = sorted_ids.gather(1, index).squeeze(1)
+    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # Never land on a token the filters cut, even where rounding leaves the cdf flat.
+    sampled = sampled.clamp(max=probs.shape[-1] - 1)
+    sampled = torch.where(
+        probs.gather(1, sampled.unsqueeze(1)).squeeze(1) > 0, sampled, probs.argmax(dim=-1)
+    )
     return torch.where(tensors.greedy, greedy_tokens, sampled)

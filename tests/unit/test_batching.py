@@ -1,0 +1,36 @@
+from worker.engine.batching import plan_groups, select_batch
+
+# (prompt tokens, max tokens)
+JOBS = [(100, 50), (400, 50), (110, 50), (90, 50), (380, 50), (105, 50), (500, 200)]
+
+
+def prompt(job: tuple[int, int]) -> int:
+    return job[0]
+
+
+def budget(job: tuple[int, int]) -> int:
+    return job[1]
+
+
+def test_the_first_job_always_goes_with_its_nearest_neighbours() -> None:
+    batch = select_batch(JOBS, prompt, budget, max_batch_size=4, max_batch_tokens=10_000)
+    # Nearest first; at equal distance (90 and 110), the older job.
+    assert batch == [(100, 50), (105, 50), (110, 50), (90, 50)]
+
+
+def test_the_token_budget_leaves_out_what_does_not_fit() -> None:
+    batch = select_batch(JOBS, prompt, budget, max_batch_size=10, max_batch_tokens=600)
+    assert batch == [(100, 50), (105, 50), (110, 50)]  # 90 + 50 more would make 605
+    # A first job over the budget alone still runs, alone.
+    assert select_batch([(500, 200), (10, 10)], prompt, budget, 10, 100) == [(500, 200)]
+
+
+def test_groups_are_sorted_and_split_where_padding_grows() -> None:
+    groups = plan_groups(JOBS, prompt, max_padding=0.5)
+    assert [[p for p, _ in group] for group in groups] == [[90, 100, 105, 110], [380, 400, 500]]
+    assert plan_groups(JOBS[:3], prompt, max_padding=0.5) == [[(100, 50), (110, 50), (400, 50)]]
+
+
+def test_nothing_in_nothing_out() -> None:
+    assert select_batch([], prompt, budget, 4, 100) == []
+    assert plan_groups([], prompt, 0.5) == []
