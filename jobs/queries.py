@@ -56,6 +56,10 @@ class Claim:
     token: str
 
 
+def is_queued(session: Session, job_id: str) -> bool:
+    return session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.queued
+
+
 def count_queued(session: Session, model: str) -> int:
     return int(
         session.scalar(

@@ -27,8 +27,10 @@ class Settings(BaseSettings):
     max_batch_size: int = 32
     # Prompt plus max_tokens, summed over a batch: the most KV cache a batch can need.
     max_batch_tokens: int = 65536
-    # How long a worker waits for stragglers before it runs a batch that is not full.
-    batch_wait_ms: int = 50
+    # The longest a worker waits for stragglers before it runs a batch that is not full; it
+    # stops waiting sooner once no job has arrived for batch_quiet_ms.
+    batch_wait_ms: int = 1000
+    batch_quiet_ms: int = 100
     # A batch is chosen among this many times max_batch_size of the oldest queued jobs.
     claim_lookahead: int = 4
     # Split a claimed batch where padding would pass this fraction of the prompt tokens.

@@ -33,6 +33,21 @@ def result_key(job_id: str) -> str:
     return f"results/{job_id}.txt"
 
 
+def place_response(
+    storage: Storage, job_id: str, text: str, inline_max_bytes: int
+) -> tuple[str | None, str | None]:
+    """Where a response is kept: `(text, None)` in the row, or `(None, key)` in object storage.
+
+    Large responses go to storage, and so does any with a NUL character, which a model can
+    emit (byte-fallback `<0x00>`) and Postgres text cannot hold.
+    """
+    if len(text.encode()) <= inline_max_bytes and "\x00" not in text:
+        return text, None
+    key = result_key(job_id)
+    storage.put_bytes(key, text.encode())
+    return None, key
+
+
 @dataclass(frozen=True)
 class _ClaimedRow:
     claim: Claim
@@ -71,6 +86,9 @@ class WorkerRuntime:
         this model in Postgres, the message's own job first. A job already claimed or
         finished is skipped, which is what makes a repeated message harmless.
         """
+        with self.session_scope() as session:
+            if not queries.is_queued(session, job_id):
+                return 0  # claimed by an earlier batch, finished or cancelled: nothing to do
         self._wait_for_stragglers()
         claims = self._claim(first_id=job_id)
         return self.run_claims(claims) if claims else 0
@@ -87,13 +105,22 @@ class WorkerRuntime:
                 on_batch(claims)
 
     def _wait_for_stragglers(self) -> None:
-        """Give a batch that is not full a bounded moment to fill."""
-        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
-        while time.monotonic() < deadline:
+        """Give a batch that is not full a bounded moment to fill: until it is full, until
+        jobs stop arriving, or until batch_wait_ms have passed."""
+        started = time.monotonic()
+        deadline = started + self.settings.batch_wait_ms / 1000
+        quiet = self.settings.batch_quiet_ms / 1000
+        last_count, last_change = -1, started
+        while (now := time.monotonic()) < deadline:
             with self.session_scope() as session:
-                if queries.count_queued(session, self.model_name) >= self.settings.max_batch_size:
-                    return
-            time.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
+                count = queries.count_queued(session, self.model_name)
+            if count >= self.settings.max_batch_size:
+                return
+            if count != last_count:
+                last_count, last_change = count, now
+            elif now - last_change >= quiet:
+                return
+            time.sleep(0.02)
 
     def _choose(self, candidates: list[Job]) -> list[Job]:
         return select_batch(
@@ -153,23 +180,35 @@ class WorkerRuntime:
                 )
                 publish(session, self.queue, requeued)
             return 0
-        recorded = 0
-        for row, generation in zip(group, generations, strict=True):
+        return sum(
+            self._record(row, generation)
+            for row, generation in zip(group, generations, strict=True)
+        )
+
+    def _record(self, row: _ClaimedRow, generation: Generation) -> bool:
+        """Record one result; a job whose result cannot be stored fails alone, at once."""
+        try:
             with self.session_scope() as session:
                 if queries.record_success(session, row.claim, self._outcome(row, generation)):
-                    recorded += 1
-                else:
-                    log.info("job %s was cancelled or reclaimed; result dropped", row.claim.job.id)
-        return recorded
+                    return True
+                log.info("job %s was cancelled or reclaimed; result dropped", row.claim.job.id)
+                return False
+        except Exception as exc:
+            log.exception("could not record the result of job %s", row.claim.job.id)
+            with self.session_scope() as session:
+                queries.record_failure(
+                    session,
+                    row.claim,
+                    "result_not_stored",
+                    f"the result could not be stored: {exc}",
+                )
+            return False
 
     def _outcome(self, row: _ClaimedRow, generation: Generation) -> Outcome:
         cost = price(self.loaded.spec, len(row.prompt), len(generation.token_ids))
-        text: str | None = generation.text
-        uri = None
-        if len(generation.text.encode()) > self.settings.result_inline_max_bytes:
-            uri = result_key(row.claim.job.id)
-            self.storage.put_bytes(uri, generation.text.encode())
-            text = None
+        text, uri = place_response(
+            self.storage, row.claim.job.id, generation.text, self.settings.result_inline_max_bytes
+        )
         return Outcome(
             completion_tokens=len(generation.token_ids),
             finish_reason=generation.finish_reason,

@@ -114,3 +114,27 @@ def test_rows_of_a_batch_keep_their_own_parameters() -> None:
     for row, p in enumerate(params):
         alone = filtered_probs(LOGITS, SamplingTensors.from_params([p], VOCAB, torch.device("cpu")))
         assert torch.allclose(probs[row], alone[0])
+
+
+def reference_nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
+    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+    kept, mass = set(), 0.0
+    for token in order:
+        if mass >= top_p:
+            break
+        kept.add(token)
+        mass += float(probs[token])
+    return kept
+
+
+def test_top_p_over_a_large_vocabulary_peaked_and_flat() -> None:
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.randn((1, 5000), generator=generator) * 6
+    flat = torch.randn((1, 5000), generator=generator) * 0.1  # 256 tokens hold far below 0.9
+    for logits in (peaked, flat):
+        params = SamplingTensors.from_params(
+            [SamplingParams(temperature=1.0, top_p=0.9)], 5000, torch.device("cpu")
+        )
+        probs = filtered_probs(logits, params)[0]
+        expected = reference_nucleus(torch.softmax(logits[0], dim=-1), 0.9)
+        assert {int(i) for i in probs.nonzero()} == expected

@@ -37,11 +37,13 @@ TOKENIZER_CONFIG = {
 }
 
 
-def make_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Write a Hugging Face model folder that `from_pretrained` loads; returns the folder."""
+def make_tiny_model(directory: Path, seed: int = 0, **config_overrides: Any) -> Path:
+    """Write a Hugging Face model folder that `from_pretrained` loads; returns the folder.
+
+    `config_overrides` change the shape (the benchmarks use a wider one)."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = MistralConfig(**TINY_CONFIG)
+    config = MistralConfig(**{**TINY_CONFIG, **config_overrides})
     model = MistralForCausalLM(config)
     # Default init gives near-uniform logits; wider weights make outputs depend on the
     # prompt and the sampling settings, which is what the tests look at.

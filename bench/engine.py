@@ -1,0 +1,99 @@
+"""The engine against Hugging Face `generate` in naive static batches, on the CPU.
+
+The same 256 jobs go through both. The engine forms batches as a worker does (the oldest job
+and its nearest neighbours by prompt length, split where padding grows) and lets finished rows
+leave; `generate` takes batches of the same size in arrival order and runs each until its
+longest row is done. Useful tokens are what each job asked for: up to its max_tokens or EOS.
+
+    python bench/engine.py [--jobs 256]
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.workload import (  # noqa: E402
+    BATCH_SIZE,
+    JOBS,
+    BenchJob,
+    bench_model,
+    make_workload,
+    report,
+    run_engine,
+)
+from jobs.registry import resolve_model  # noqa: E402
+from jobs.settings import Settings  # noqa: E402
+from worker.engine.loader import LoadedModel, load_model  # noqa: E402
+
+
+@torch.inference_mode()
+def run_naive_generate(loaded: LoadedModel, jobs: list[BenchJob], eos_id: int) -> int:
+    useful = 0
+    for start in range(0, len(jobs), BATCH_SIZE):
+        batch = jobs[start : start + BATCH_SIZE]
+        width = max(len(job.prompt) for job in batch)
+        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, job in enumerate(batch):
+            input_ids[row, width - len(job.prompt) :] = torch.tensor(job.prompt)
+            attention[row, width - len(job.prompt) :] = 1
+        torch.manual_seed(start)
+        output = loaded.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.95,
+            max_new_tokens=max(job.params.max_tokens for job in batch),
+            eos_token_id=eos_id,
+            pad_token_id=0,
+        )[:, width:]
+        for row, job in enumerate(batch):
+            tokens = output[row, : job.params.max_tokens].tolist()
+            useful += tokens.index(eos_id) if eos_id in tokens else len(tokens)
+    return useful
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=JOBS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as root:
+        settings = Settings(max_batch_size=BATCH_SIZE, models_dir=Path(root))
+        loaded = load_model(resolve_model("tiny-random-mistral"), settings, bench_model(Path(root)))
+        jobs = make_workload(args.jobs)
+        print(f"{len(jobs)} jobs, batch size {BATCH_SIZE}, torch threads {torch.get_num_threads()}")
+
+        started = time.perf_counter()
+        engine_tokens = run_engine(loaded, jobs, settings)
+        engine_seconds = time.perf_counter() - started
+        engine_rate = report("engine  ", engine_tokens, engine_seconds)
+
+        started = time.perf_counter()
+        naive_tokens = run_naive_generate(loaded, jobs, loaded.tokenizer.eos_id)
+        naive_seconds = time.perf_counter() - started
+        naive_rate = report("generate", naive_tokens, naive_seconds)
+    ratio = engine_rate / naive_rate
+    print(f"engine / generate: {ratio:.2f}x")
+    print(
+        json.dumps(
+            {
+                "jobs": len(jobs),
+                "engine_tokens_per_s": round(engine_rate, 1),
+                "generate_tokens_per_s": round(naive_rate, 1),
+                "ratio": round(ratio, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
