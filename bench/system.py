@@ -89,20 +89,27 @@ def run_system(
                 done = session.scalar(select(func.count()).where(Job.status.in_(FINISHED)))
             if done == len(requests):
                 break
-            time.sleep(0.2)
+            time.sleep(0.5)
         seconds = time.perf_counter() - started
         with session_scope(database) as session:
             tokens = session.scalar(select(func.sum(Job.completion_tokens))) or 0
             failed = session.scalar(select(func.count()).where(Job.status != JobStatus.succeeded))
-            sizes = session.execute(
-                select(func.count(Job.id)).group_by(Job.batch_id).order_by(func.min(Job.started_at))
-            ).scalars()
-            print("batch sizes, in order:", " ".join(str(size) for size in sizes))
+            batches = session.execute(
+                select(func.count(Job.id), func.min(Job.started_at), func.max(Job.finished_at))
+                .group_by(Job.batch_id)
+                .order_by(func.min(Job.started_at))
+            ).all()
+            print("batch sizes, in order:", " ".join(str(size) for size, _, _ in batches))
+            busy = sum((end - start).total_seconds() for _, start, end in batches)
+            print(f"worker busy in batches for {busy:.1f} s")
         assert failed == 0, f"{failed} jobs did not succeed"
         return int(tokens), seconds
     finally:
         worker.stop()
         api.stop()
+        for line in worker.output().splitlines():
+            if "tokens decoded" in line:
+                print("worker:", line.split(": ", 1)[1])
 
 
 def main() -> None:

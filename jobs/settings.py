@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     batch_quiet_ms: int = 100
     # A batch is chosen among this many times max_batch_size of the oldest queued jobs.
     claim_lookahead: int = 4
-    # Split a claimed batch where padding would pass this fraction of the prompt tokens.
-    max_padding: float = 0.5
+    # Split a claimed batch where padding would pass this multiple of the prompt tokens.
+    max_padding: float = 2.0
     lease_seconds: int = 900
     max_attempts: int = 3
     # A queued job whose message has not been picked up for this long is published again

@@ -1,5 +1,6 @@
 """`mbatch worker`: load the model, then serve its queue from this one process."""
 
+import gc
 import logging
 import os
 import socket
@@ -39,6 +40,9 @@ def run_worker(model: str, weights: Path | None = None, loglevel: str = "INFO") 
     from worker.celery_app import app
 
     tasks.install_runtime(runtime)
+    # What start-up made lives as long as the process: keep the garbage collector off it, so
+    # collections during decoding stay short.
+    gc.freeze()
     runtime.start_maintenance()
     log.info("worker %s serving queue %s", worker_id, spec.queue)
     try:

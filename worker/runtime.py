@@ -168,6 +168,7 @@ class WorkerRuntime:
         return rows
 
     def _run_group(self, group: list[_ClaimedRow]) -> int:
+        started = time.perf_counter()
         try:
             generations = generate(
                 self.loaded, [row.prompt for row in group], [row.params for row in group]
@@ -180,10 +181,19 @@ class WorkerRuntime:
                 )
                 publish(session, self.queue, requeued)
             return 0
-        return sum(
+        decoded = time.perf_counter() - started
+        recorded = sum(
             self._record(row, generation)
             for row, generation in zip(group, generations, strict=True)
         )
+        log.info(
+            "batch of %d: %d tokens decoded in %.2f s, recorded in %.2f s",
+            len(group),
+            sum(len(g.token_ids) for g in generations),
+            decoded,
+            time.perf_counter() - started - decoded,
+        )
+        return recorded
 
     def _record(self, row: _ClaimedRow, generation: Generation) -> bool:
         """Record one result; a job whose result cannot be stored fails alone, at once."""

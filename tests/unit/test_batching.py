@@ -26,9 +26,13 @@ def test_the_token_budget_leaves_out_what_does_not_fit() -> None:
 
 
 def test_groups_are_sorted_and_split_where_padding_grows() -> None:
-    groups = plan_groups(JOBS, prompt, max_padding=0.5)
+    groups = plan_groups(JOBS, prompt, max_padding=0.5, min_rows=4)
     assert [[p for p, _ in group] for group in groups] == [[90, 100, 105, 110], [380, 400, 500]]
-    assert plan_groups(JOBS[:3], prompt, max_padding=0.5) == [[(100, 50), (110, 50), (400, 50)]]
+    assert plan_groups(JOBS[:3], prompt, max_padding=0.5, min_rows=4) == [
+        [(100, 50), (110, 50), (400, 50)]
+    ]
+    # Below min_rows a group is never split, however uneven.
+    assert len(plan_groups(JOBS, prompt, max_padding=0.5, min_rows=8)) == 1
 
 
 def test_nothing_in_nothing_out() -> None:

@@ -42,11 +42,12 @@ def select_batch(
 
 
 def plan_groups(
-    items: Sequence[T], prompt_tokens: Callable[[T], int], max_padding: float
+    items: Sequence[T], prompt_tokens: Callable[[T], int], max_padding: float, min_rows: int = 8
 ) -> list[list[T]]:
     """Sort by prompt length and split where padding would exceed `max_padding` of the real
-    prompt tokens; each group is one forward pass. A group is never split below four rows:
-    decoding costs about the same for four rows as for one."""
+    prompt tokens; each group is one batch. A group is not split below `min_rows`: a decode
+    step of a few rows costs nearly what one of many does, so small groups waste more than
+    padding does."""
     ordered = sorted(items, key=prompt_tokens)
     groups: list[list[T]] = []
     current: list[T] = []
@@ -54,7 +55,7 @@ def plan_groups(
     for item in ordered:
         length = prompt_tokens(item)
         padded = (len(current) + 1) * length  # sorted: this item is the longest so far
-        if len(current) >= 4 and padded > (1 + max_padding) * (real + length):
+        if len(current) >= min_rows and padded > (1 + max_padding) * (real + length):
             groups.append(current)
             current, real = [], 0
         current.append(item)

@@ -55,7 +55,14 @@ def load_model(spec: ModelSpec, settings: Settings, weights: Path | None = None)
     source = weights_source(spec, settings, weights)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    log.info("loading %s from %s on %s (%s)", spec.name, source, device, dtype)
+    log.info(
+        "loading %s from %s on %s (%s, %d CPU threads)",
+        spec.name,
+        source,
+        device,
+        dtype,
+        torch.get_num_threads(),
+    )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.to(device)  # type: ignore[arg-type]
     model.eval()
