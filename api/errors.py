@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.middleware import BodyTooLarge
 from jobs.errors import MbatchError
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps it while reading the body
+            return error_response(413, "payload_too_large", str(exc.__cause__))
         codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return error_response(
             exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import ColumnElement, case, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from jobs.errors import NotFound
 from jobs.models import Job, JobStatus
@@ -152,12 +152,14 @@ def _held(claim: Claim) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def _finish(session: Session, claim: Claim, values: dict[str, Any]) -> bool:
+def _finish(
+    session: Session, claim: Claim, values: dict[str, Any], *conditions: ColumnElement[bool]
+) -> bool:
     """End a running job under its current claim; False where the claim is no longer current
     (the job was cancelled, recorded already, or given to another worker)."""
     result = session.execute(
         update(Job)
-        .where(*_held(claim))
+        .where(*_held(claim), *conditions)
         .values(**values, finished_at=utcnow(), claim_token=None, lease_expires_at=None)
     )
     session.commit()
@@ -190,18 +192,31 @@ def record_failure(session: Session, claim: Claim, code: str, message: str) -> b
     )
 
 
-def _give_back(session: Session, claim: Claim, max_attempts: int, code: str, message: str) -> bool:
-    """Queue a claimed job again, or fail it once it is out of attempts; True if queued."""
+def _give_back(
+    session: Session,
+    claim: Claim,
+    max_attempts: int,
+    code: str,
+    message: str,
+    expired_before: datetime | None = None,
+) -> bool:
+    """Queue a claimed job again, or fail it once it is out of attempts; True if queued.
+
+    With `expired_before`, only while the lease is still expired then: a worker that renewed
+    it in the meantime keeps its job.
+    """
+    lease = () if expired_before is None else (Job.lease_expires_at < expired_before,)
     if claim.job.attempts >= max_attempts:
         _finish(
             session,
             claim,
             {"status": JobStatus.failed, "error_code": code, "error_message": message},
+            *lease,
         )
         return False
     result = session.execute(
         update(Job)
-        .where(*_held(claim))
+        .where(*_held(claim), *lease)
         .values(status=JobStatus.queued, enqueued_at=None, claim_token=None, lease_expires_at=None)
     )
     session.commit()
@@ -224,6 +239,7 @@ def release_expired(session: Session, max_attempts: int, now: datetime | None = 
 
     Returns the jobs that are queued again, for publishing.
     """
+    now = now or utcnow()
     return [
         job
         for job in expired_claims(session, now)
@@ -234,17 +250,19 @@ def release_expired(session: Session, max_attempts: int, now: datetime | None = 
             max_attempts,
             "worker_lost",
             f"the worker running this job stopped {job.attempts} times",
+            expired_before=now,
         )
     ]
 
 
 def due_for_publish(
-    session: Session, requeue_after_seconds: int, now: datetime | None = None
+    session: Session, requeue_after_seconds: int, now: datetime | None = None, limit: int = 1000
 ) -> list[Job]:
     """Queued jobs whose message may be lost, and scheduled jobs whose time has come.
 
     A queued job counts once it was never published or was published long ago: a broker
-    restart can drop messages, and a spare message costs nothing, since claims decide.
+    restart can drop messages, and a spare message costs nothing, since claims decide. At
+    most `limit` a pass, oldest first, and only their ids and models are loaded.
     """
     now = now or utcnow()
     session.execute(
@@ -255,10 +273,14 @@ def due_for_publish(
     stale = now - timedelta(seconds=requeue_after_seconds)
     jobs = list(
         session.scalars(
-            select(Job).where(
+            select(Job)
+            .options(load_only(Job.id, Job.model))
+            .where(
                 Job.status == JobStatus.queued,
                 (Job.enqueued_at.is_(None)) | (Job.enqueued_at < stale),
             )
+            .order_by(Job.created_at)
+            .limit(limit)
         )
     )
     session.commit()
@@ -268,8 +290,8 @@ def due_for_publish(
 def release_claims(
     session: Session, claims: list[Claim], max_attempts: int, reason: str
 ) -> list[Job]:
-    """Give claimed jobs back after a batch-wide failure: queued again, or failed when out of
-    attempts. Returns the jobs queued again."""
+    """Give claimed jobs back after a failure that was not theirs alone: queued again, or
+    failed when out of attempts. Returns the jobs queued again."""
     return [
         claim.job
         for claim in claims

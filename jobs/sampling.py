@@ -11,6 +11,7 @@ from typing import Any
 from jobs.errors import InvalidParameter
 
 MAX_STOP_STRINGS = 4
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, dividing logits by the temperature overflows float32: it is greedy.
+        return self.temperature < GREEDY_BELOW
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

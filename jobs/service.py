@@ -56,10 +56,12 @@ def check_lora(spec: ModelSpec, lora: str | None) -> None:
     raise InvalidParameter("lora", lora, "no adapter with this id or name")
 
 
-def check_context(spec: ModelSpec, prompt_tokens: int, max_tokens: int) -> None:
+def check_context(
+    spec: ModelSpec, prompt_tokens: int, max_tokens: int, param: str = "prompt"
+) -> None:
     if prompt_tokens >= spec.context_length:
         raise InvalidParameter(
-            "prompt",
+            param,
             f"<{prompt_tokens} tokens>",
             f"the prompt alone is {prompt_tokens} tokens; {spec.name} takes "
             f"{spec.context_length} in all",
@@ -77,7 +79,7 @@ def _prepare(
     check_lora(spec, lora)
     sampling: SamplingParams = body.to_sampling_params(spec)
     prompt_tokens = len(encode_job_input(v1_tokenizer(), job_input))
-    check_context(spec, prompt_tokens, sampling.max_tokens)
+    check_context(spec, prompt_tokens, sampling.max_tokens, next(iter(job_input)))
     return spec, sampling, prompt_tokens
 
 

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+from botocore.exceptions import BotoCoreError, ClientError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from jobs import queries
@@ -174,12 +176,14 @@ class WorkerRuntime:
                 self.loaded, [row.prompt for row in group], [row.params for row in group]
             )
         except Exception as exc:
-            log.exception("batch of %d failed; giving its jobs back", len(group))
-            with self.session_scope() as session:
-                requeued = queries.release_claims(
-                    session, [row.claim for row in group], self.settings.max_attempts, repr(exc)
-                )
-                publish(session, self.queue, requeued)
+            if len(group) > 1:
+                # Out of memory, or one row the engine cannot take: halves find out which,
+                # without spending every batch mate's attempts.
+                log.exception("batch of %d failed; running it in halves", len(group))
+                half = len(group) // 2
+                return self._run_group(group[:half]) + self._run_group(group[half:])
+            log.exception("job %s failed in the engine; giving it back", group[0].claim.job.id)
+            self._give_back([row.claim for row in group], repr(exc))
             return 0
         decoded = time.perf_counter() - started
         recorded = sum(
@@ -196,13 +200,18 @@ class WorkerRuntime:
         return recorded
 
     def _record(self, row: _ClaimedRow, generation: Generation) -> bool:
-        """Record one result; a job whose result cannot be stored fails alone, at once."""
+        """Record one result. A job whose result cannot be stored fails alone, at once; one
+        whose database or storage is away for a moment is given back to run again."""
         try:
             with self.session_scope() as session:
                 if queries.record_success(session, row.claim, self._outcome(row, generation)):
                     return True
                 log.info("job %s was cancelled or reclaimed; result dropped", row.claim.job.id)
                 return False
+        except (OperationalError, BotoCoreError, ClientError, OSError) as exc:
+            log.exception("could not record job %s for now; giving it back", row.claim.job.id)
+            self._give_back([row.claim], repr(exc))
+            return False
         except Exception as exc:
             log.exception("could not record the result of job %s", row.claim.job.id)
             with self.session_scope() as session:
@@ -213,6 +222,11 @@ class WorkerRuntime:
                     f"the result could not be stored: {exc}",
                 )
             return False
+
+    def _give_back(self, claims: list[Claim], reason: str) -> None:
+        with self.session_scope() as session:
+            requeued = queries.release_claims(session, claims, self.settings.max_attempts, reason)
+            publish(session, self.queue, requeued)
 
     def _outcome(self, row: _ClaimedRow, generation: Generation) -> Outcome:
         cost = price(self.loaded.spec, len(row.prompt), len(generation.token_ids))
@@ -229,27 +243,39 @@ class WorkerRuntime:
             compute_seconds=generation.compute_seconds,
         )
 
-    def maintain(self) -> None:
-        """Keep our claims alive, give back dead workers' jobs, publish what may be lost."""
+    def renew(self) -> None:
+        """Keep the claims of the batch we are running alive."""
         with self._lock:
             running = list(self._running)
-        with self.session_scope() as session:
-            if running:
+        if running:
+            with self.session_scope() as session:
                 queries.renew_leases(session, running, self.settings.lease_seconds)
+
+    def maintain(self) -> None:
+        """Give back dead workers' jobs, start due jobs, publish what may be lost."""
+        with self.session_scope() as session:
             maintain(session, self.queue, self.settings)
 
-    def start_maintenance(self) -> threading.Thread:
-        interval = min(self.settings.maintenance_interval_seconds, self.settings.lease_seconds / 3)
+    def start_maintenance(self) -> list[threading.Thread]:
+        """Lease renewal and maintenance, each on its own timer, so that a long maintenance
+        pass never lets our own leases lapse."""
+        return [
+            self._every(self.settings.lease_seconds / 3, self.renew, "mbatch-leases"),
+            self._every(
+                self.settings.maintenance_interval_seconds, self.maintain, "mbatch-maintenance"
+            ),
+        ]
 
+    def _every(self, interval: float, action: Callable[[], None], name: str) -> threading.Thread:
         def loop() -> None:
             while not self._stop.is_set():
                 try:
-                    self.maintain()
+                    action()
                 except Exception:
-                    log.exception("maintenance pass failed; trying again")
+                    log.exception("%s pass failed; trying again", name)
                 self._stop.wait(interval)
 
-        thread = threading.Thread(target=loop, name="mbatch-maintenance", daemon=True)
+        thread = threading.Thread(target=loop, name=name, daemon=True)
         thread.start()
         return thread
 

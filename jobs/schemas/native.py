@@ -14,6 +14,17 @@ MAX_TEXT_CHARS = 131072
 MAX_METADATA_PAIRS = 16
 
 
+def storable_text(value: str) -> str:
+    """Text Postgres can keep and JSON can carry: no NUL, no lone surrogate."""
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode text") from exc
+    return value
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,7 +88,14 @@ class JobCreate(BaseModel):
         for key, item in (value or {}).items():
             if len(key) > 64 or len(item) > 512:
                 raise ValueError("metadata keys are at most 64 characters, values at most 512")
+            storable_text(key)
+            storable_text(item)
         return value
+
+    @field_validator("idempotency_key", "callback_url", "lora", "model")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        return None if value is None else storable_text(value)
 
     @field_validator("callback_url")
     @classmethod
@@ -88,10 +106,12 @@ class JobCreate(BaseModel):
 
     @field_validator("run_at")
     @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if not 2000 <= value.year <= 9998:
+            raise ValueError("run_at must be a date between the years 2000 and 9998")
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
     def chat_messages(self) -> list[ChatMessage] | None:
         if self.messages is None:

@@ -2,7 +2,7 @@
 Postgres, Redis and an S3 server."""
 
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -158,7 +158,12 @@ def test_jobs_of_different_clients_share_one_batch(
     stack: Stack, key: dict[str, str], settings: Settings
 ) -> None:
     other = {"Authorization": f"Bearer {create_key(stack.env, 'erin')}"}
-    bodies = [{"prompt": f"Question {i}", "max_tokens": 6, "seed": i + 1} for i in range(4)]
+    # Both clients' jobs come due together: however the requests interleave, they are queued
+    # by one maintenance pass, and a worker must put them in one batch.
+    due = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
+    bodies = [
+        {"prompt": f"Question {i}", "max_tokens": 6, "seed": i + 1, "run_at": due} for i in range(4)
+    ]
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = list(
             pool.map(
@@ -166,6 +171,7 @@ def test_jobs_of_different_clients_share_one_batch(
                 [(client, body) for body in bodies for client in (key, other)],
             )
         )
+    assert {job["status"] for job in jobs} == {"scheduled"}
     for job, client in zip(jobs, [key, other] * 4, strict=True):
         assert wait_for_status(stack, client, job["id"], FINISHED)["status"] == "succeeded"
     with session_scope(settings.database_url) as session:

@@ -18,9 +18,13 @@ def test_the_first_job_always_goes_with_its_nearest_neighbours() -> None:
     assert batch == [(100, 50), (105, 50), (110, 50), (90, 50)]
 
 
-def test_the_token_budget_leaves_out_what_does_not_fit() -> None:
-    batch = select_batch(JOBS, prompt, budget, max_batch_size=10, max_batch_tokens=600)
-    assert batch == [(100, 50), (105, 50), (110, 50)]  # 90 + 50 more would make 605
+def test_the_token_budget_counts_the_padded_cache() -> None:
+    batch = select_batch(JOBS, prompt, budget, max_batch_size=10, max_batch_tokens=640)
+    # Four rows of (110 + 50) fit in 640; a fifth row, or a longer one, does not.
+    assert batch == [(100, 50), (105, 50), (110, 50), (90, 50)]
+    long_one = [(100, 50), (30000, 50), *[(100, 50)] * 6]
+    batch = select_batch(long_one, prompt, budget, max_batch_size=10, max_batch_tokens=65536)
+    assert (30000, 50) not in batch and len(batch) == 7
     # A first job over the budget alone still runs, alone.
     assert select_batch([(500, 200), (10, 10)], prompt, budget, 10, 100) == [(500, 200)]
 

@@ -138,3 +138,9 @@ def test_top_p_over_a_large_vocabulary_peaked_and_flat() -> None:
         probs = filtered_probs(logits, params)[0]
         expected = reference_nucleus(torch.softmax(logits[0], dim=-1), 0.9)
         assert {int(i) for i in probs.nonzero()} == expected
+
+
+def test_a_temperature_too_small_for_float32_is_greedy() -> None:
+    seen, counts = no_history()
+    assert SamplingParams(temperature=1e-40).greedy
+    assert int(sample(LOGITS, seen, counts, tensors(temperature=1e-40, seed=3))) == 4

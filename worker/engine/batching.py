@@ -21,23 +21,25 @@ def select_batch(
     prompt lengths are nearest to it, up to the batch size and the token budget.
 
     The first candidate always goes, so no job waits behind newer ones for ever; choosing its
-    neighbours by length keeps the batch's padding small. The budget counts each job's prompt
-    plus its max_tokens, the most KV cache it can need.
+    neighbours by length keeps the batch's padding small. The budget is the most KV cache the
+    batch can need: its rows times the longest prompt plus the longest max_tokens.
     """
     if not candidates:
         return []
     anchor = candidates[0]
     length = prompt_tokens(anchor)
     chosen = [anchor]
-    budget = length + max_tokens(anchor)
+    longest_prompt, longest_output = length, max_tokens(anchor)
     for candidate in sorted(candidates[1:], key=lambda c: abs(prompt_tokens(c) - length)):
         if len(chosen) >= max_batch_size:
             break
-        need = prompt_tokens(candidate) + max_tokens(candidate)
-        if budget + need > max_batch_tokens:
+        prompt = max(longest_prompt, prompt_tokens(candidate))
+        output = max(longest_output, max_tokens(candidate))
+        # Padded, as the cache is laid out: every row as long as the longest of each part.
+        if (len(chosen) + 1) * (prompt + output) > max_batch_tokens:
             continue
         chosen.append(candidate)
-        budget += need
+        longest_prompt, longest_output = prompt, output
     return chosen
 
 

@@ -48,13 +48,21 @@ class _Row:
             self.finish = "stop"
             return
         self.tokens.append(token)
-        if self.params.stop:
+        if self.params.stop and self._stop_in_tail(decode):
             cut = _cut_at_stop(decode(self.tokens), self.params.stop)
             if cut is not None:
                 self.cut_text, self.finish = cut, "stop"
                 return
         if len(self.tokens) >= self.budget:
             self.finish = "length"
+
+    def _stop_in_tail(self, decode: "_Decode") -> bool:
+        """Whether a stop string ends in the newest tokens: every token is at least one
+        character, so a stop string of n characters lies within the last n tokens, and a few
+        more keep it clear of the window's first piece, whose leading space decode drops."""
+        window = max(len(stop) for stop in self.params.stop) + 4
+        tail = decode(self.tokens[-window:])
+        return any(stop in tail for stop in self.params.stop)
 
 
 class _Decode:
