@@ -22,18 +22,23 @@ def _too_large_body(limit: int) -> bytes:
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """`max_bytes` for every body, but for the upload routes named in `uploads`, which take
+    files up to their own limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int]) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default_max_bytes = max_bytes
+        self.uploads = uploads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.uploads.get(scope.get("path", ""), self.default_max_bytes)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self._refuse(send, max_bytes)
             return
         received = 0
 
@@ -42,17 +47,17 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(f"the request body is over the {self.max_bytes}-byte limit")
+                if received > max_bytes:
+                    raise BodyTooLarge(f"the request body is over the {max_bytes}-byte limit")
             return message
 
         try:
             await self.app(scope, counting_receive, send)
         except BodyTooLarge:
-            await self._refuse(send)
+            await self._refuse(send, max_bytes)
 
-    async def _refuse(self, send: Send) -> None:
-        body = _too_large_body(self.max_bytes)
+    async def _refuse(self, send: Send, max_bytes: int) -> None:
+        body = _too_large_body(max_bytes)
         await send(
             {
                 "type": "http.response.start",

@@ -7,6 +7,37 @@ from jobs.errors import InvalidParameter
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """The shapes an adapter must fit, known without loading any weights."""
+
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer a LoRA adapter may target."""
+        attention, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (self.hidden_size, attention),
+            "k_proj": (self.hidden_size, kv),
+            "v_proj": (self.hidden_size, kv),
+            "o_proj": (attention, self.hidden_size),
+            "gate_proj": (self.hidden_size, self.intermediate_size),
+            "up_proj": (self.hidden_size, self.intermediate_size),
+            "down_proj": (self.intermediate_size, self.hidden_size),
+        }
+
+
+MISTRAL_7B = Architecture()
+TINY = Architecture(
+    hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
+)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     weights: str  # a Hugging Face id; a local folder in `models_dir` takes precedence
@@ -20,6 +51,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     quantization: str | None = None
     builtin: bool = False  # built locally by `mbatch make-tiny-model`, never downloaded
+    architecture: Architecture = MISTRAL_7B
     default_temperature: float = 0.6
     default_max_tokens: int = 256
 
@@ -65,6 +97,7 @@ MODELS: tuple[ModelSpec, ...] = (
         weights="tiny-random-mistral",
         context_length=4096,
         builtin=True,
+        architecture=TINY,
         price_input_per_million=Decimal("0.100"),
         price_output_per_million=Decimal("0.200"),
     ),

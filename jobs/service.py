@@ -53,7 +53,9 @@ def check_lora(spec: ModelSpec, lora: str | None) -> None:
         return
     if not spec.allows_lora:
         raise InvalidParameter("lora", lora, f"model {spec.name} does not take LoRA adapters")
-    raise InvalidParameter("lora", lora, "no adapter with this id or name")
+    raise InvalidParameter(
+        "lora", lora, "adapters can be uploaded and checked, but jobs cannot use them yet"
+    )
 
 
 def check_context(

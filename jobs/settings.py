@@ -22,6 +22,9 @@ class Settings(BaseSettings):
 
     # API limits.
     max_request_bytes: int = 4 * 1024 * 1024
+    # LoRA adapters, checked on upload.
+    max_lora_rank: int = 32
+    max_lora_bytes: int = 300 * 1000 * 1000
 
     # Worker: batching and the claim on a job.
     max_batch_size: int = 32

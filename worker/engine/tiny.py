@@ -10,15 +10,18 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
+from jobs.registry import resolve_model
+
+_TINY = resolve_model("tiny-random-mistral")
 TINY_CONFIG: dict[str, Any] = {
     "vocab_size": 32000,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 4096,
+    "hidden_size": _TINY.architecture.hidden_size,
+    "intermediate_size": _TINY.architecture.intermediate_size,
+    "num_hidden_layers": _TINY.architecture.num_layers,
+    "num_attention_heads": _TINY.architecture.num_heads,
+    "num_key_value_heads": _TINY.architecture.num_kv_heads,
+    "head_dim": _TINY.architecture.head_dim,
+    "max_position_embeddings": _TINY.context_length,
     "sliding_window": None,
     "rope_theta": 10000.0,
     "bos_token_id": 1,

@@ -1,0 +1,143 @@
+"""LoRA upload over HTTP: real PEFT adapters, and each kind of malformed upload refused."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from jobs.settings import Settings
+from tests.adapters import (
+    edited_config,
+    files,
+    make_adapter,
+    make_adapter_for_shape,
+    pickled_weights,
+)
+
+
+@pytest.fixture(scope="module")
+def adapter(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter(models_dir / "tiny-random-mistral", tmp_path_factory.mktemp("lora"))
+
+
+def upload(
+    client: TestClient,
+    headers: dict[str, str],
+    name: str,
+    parts: dict[str, Any],
+    base_model: str = "tiny-random-mistral",
+) -> Any:
+    return client.post(
+        "/v1/loras", data={"name": name, "base_model": base_model}, files=parts, headers=headers
+    )
+
+
+def test_upload_list_show_delete(
+    client: TestClient,
+    alice: dict[str, str],
+    bob: dict[str, str],
+    adapter: Path,
+    api_settings: Settings,
+) -> None:
+    created = upload(client, alice, "my-style", files(adapter))
+    assert created.status_code == 201, created.text
+    lora = created.json()
+    assert lora["id"].startswith("lora_") and lora["rank"] == 4
+    assert lora["target_modules"] == ["q_proj", "v_proj"]
+    assert len(lora["sha256"]) == 64
+    storage_root = Path(api_settings.storage_url.removeprefix("file://"))
+    stored = storage_root / "loras" / lora["id"] / "adapter_model.safetensors"
+    assert stored.read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+
+    assert client.get(f"/v1/loras/{lora['id']}", headers=alice).json()["name"] == "my-style"
+    assert client.get("/v1/loras/my-style", headers=alice).json()["id"] == lora["id"]
+    assert [item["id"] for item in client.get("/v1/loras", headers=alice).json()["data"]] == [
+        lora["id"]
+    ]
+    assert client.get(f"/v1/loras/{lora['id']}", headers=bob).status_code == 404
+    assert client.delete(f"/v1/loras/{lora['id']}", headers=bob).status_code == 404
+
+    assert client.delete(f"/v1/loras/{lora['id']}", headers=alice).status_code == 204
+    assert client.get(f"/v1/loras/{lora['id']}", headers=alice).status_code == 404
+    assert not stored.exists()
+
+
+def test_a_duplicate_name_is_422(
+    client: TestClient, alice: dict[str, str], bob: dict[str, str], adapter: Path
+) -> None:
+    assert upload(client, alice, "twice", files(adapter)).status_code == 201
+    again = upload(client, alice, "twice", files(adapter))
+    assert again.status_code == 422 and again.json()["error"]["param"] == "name"
+    assert upload(client, bob, "twice", files(adapter)).status_code == 201  # another owner
+
+
+REFUSALS = [
+    (
+        "pickled weights",
+        lambda a: {"adapter_model.safetensors": pickled_weights(a)},
+        "adapter_model.safetensors",
+    ),
+    (
+        "not a LoRA config",
+        lambda a: {"adapter_config.json": edited_config(a, peft_type="PREFIX_TUNING")},
+        "adapter_config.json",
+    ),
+    ("config not JSON", lambda a: {"adapter_config.json": b"{not json"}, "adapter_config.json"),
+    (
+        "rank over the limit",
+        lambda a: {"adapter_config.json": edited_config(a, r=64)},
+        "adapter_config.json.r",
+    ),
+    (
+        "unknown target module",
+        lambda a: {
+            "adapter_config.json": edited_config(a, target_modules=["q_proj", "v_proj", "foo_proj"])
+        },
+        "adapter_config.json.target_modules",
+    ),
+    (
+        "rank that does not match the tensors",
+        lambda a: {"adapter_config.json": edited_config(a, r=8)},
+        "adapter_model.safetensors",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "param"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_malformed_uploads_are_422_naming_the_part(
+    client: TestClient, alice: dict[str, str], adapter: Path, what: str, change: Any, param: str
+) -> None:
+    response = upload(client, alice, "bad", files(adapter, **change(adapter)))
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_shapes_of_another_model_are_422(
+    client: TestClient, alice: dict[str, str], tmp_path: Path
+) -> None:
+    other = make_adapter_for_shape(tmp_path / "wide", hidden_size=128)
+    response = upload(client, alice, "wide", files(other))
+    assert response.status_code == 422
+    assert "does not fit" in response.json()["error"]["message"]
+
+
+def test_a_model_that_takes_no_adapters_is_422(
+    client: TestClient, alice: dict[str, str], adapter: Path
+) -> None:
+    response = upload(
+        client, alice, "awq", files(adapter), base_model="mistral-7b-instruct-v0.1-awq"
+    )
+    assert response.status_code == 422 and response.json()["error"]["param"] == "base_model"
+
+
+def test_an_adapter_over_the_size_limit_is_refused(
+    alice: dict[str, str], adapter: Path, api_settings: Settings
+) -> None:
+    from api.app import create_app
+
+    small = api_settings.model_copy(update={"max_lora_bytes": 1000})
+    with TestClient(create_app(small), raise_server_exceptions=False) as client:
+        response = upload(client, alice, "big", files(adapter))
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "adapter_model.safetensors"
