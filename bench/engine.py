@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,8 +24,8 @@ from bench.workload import (  # noqa: E402
     BenchJob,
     bench_model,
     make_workload,
-    report,
     run_engine,
+    timed_run,
 )
 from jobs.registry import resolve_model  # noqa: E402
 from jobs.settings import Settings  # noqa: E402
@@ -72,15 +71,10 @@ def main() -> None:
         jobs = make_workload(args.jobs)
         print(f"{len(jobs)} jobs, batch size {BATCH_SIZE}, torch threads {torch.get_num_threads()}")
 
-        started = time.perf_counter()
-        engine_tokens = run_engine(loaded, jobs, settings)
-        engine_seconds = time.perf_counter() - started
-        engine_rate = report("engine  ", engine_tokens, engine_seconds)
-
-        started = time.perf_counter()
-        naive_tokens = run_naive_generate(loaded, jobs, loaded.tokenizer.eos_id)
-        naive_seconds = time.perf_counter() - started
-        naive_rate = report("generate", naive_tokens, naive_seconds)
+        engine_rate = timed_run("engine  ", lambda: run_engine(loaded, jobs, settings))
+        naive_rate = timed_run(
+            "generate", lambda: run_naive_generate(loaded, jobs, loaded.tokenizer.eos_id)
+        )
     ratio = engine_rate / naive_rate
     print(f"engine / generate: {ratio:.2f}x")
     print(

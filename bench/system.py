@@ -25,7 +25,15 @@ from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.workload import JOBS, BenchJob, bench_model, make_workload, report, run_engine  # noqa: E402
+from bench.workload import (  # noqa: E402
+    JOBS,
+    BenchJob,
+    bench_model,
+    make_workload,
+    report,
+    run_engine,
+    timed_run,
+)
 from jobs.db import get_engine, session_scope  # noqa: E402
 from jobs.models import Job, JobStatus  # noqa: E402
 from jobs.registry import resolve_model  # noqa: E402
@@ -150,10 +158,7 @@ def main() -> None:
             for body, job in zip(requests, make_workload(args.jobs), strict=True)
         ]
         torch.manual_seed(0)
-        started = time.perf_counter()
-        engine_tokens = run_engine(loaded, jobs, settings)
-        engine_seconds = time.perf_counter() - started
-        engine_rate = report("engine", engine_tokens, engine_seconds)
+        engine_rate = timed_run("engine", lambda: run_engine(loaded, jobs, settings))
     ratio = system_rate / engine_rate
     print(f"system / engine: {ratio:.2f}")
     print(

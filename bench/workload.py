@@ -1,6 +1,8 @@
 """The fixed workload the CPU benchmarks share: 256 jobs of mixed prompt and output lengths."""
 
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,13 @@ def run_engine(loaded: LoadedModel, jobs: list[BenchJob], settings: Settings) ->
             )
             useful += sum(len(g.token_ids) for g in generations)
     return useful
+
+
+def timed_run(label: str, run: Callable[[], int]) -> float:
+    """Time `run` (which returns useful tokens), print one line; returns useful tokens/s."""
+    started = time.perf_counter()
+    tokens = run()
+    return report(label, tokens, time.perf_counter() - started)
 
 
 def report(label: str, tokens: int, seconds: float) -> float:

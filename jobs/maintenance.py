@@ -1,5 +1,9 @@
 """The periodic pass that keeps jobs moving whatever happened to workers and the broker."""
 
+import logging
+import threading
+from collections.abc import Callable
+
 from sqlalchemy.orm import Session
 
 from jobs import queries
@@ -16,3 +20,14 @@ def maintain(session: Session, queue: JobQueue, settings: Settings) -> int:
     jobs = {job.id: job for job in requeued + due}
     publish(session, queue, list(jobs.values()))
     return len(jobs)
+
+
+def repeat(interval: float, action: Callable[[], None], name: str, stop: threading.Event) -> None:
+    """Run `action` every `interval` seconds until `stop` is set; a failed pass is logged and
+    the next one comes on time."""
+    while not stop.is_set():
+        try:
+            action()
+        except Exception:
+            logging.getLogger(__name__).exception("%s pass failed; trying again", name)
+        stop.wait(interval)

@@ -3,7 +3,7 @@
 import argparse
 import logging
 import sys
-import time
+import threading
 from pathlib import Path
 
 
@@ -31,22 +31,24 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_beat(args: argparse.Namespace) -> int:
     from jobs.db import session_scope
-    from jobs.maintenance import maintain
+    from jobs.maintenance import maintain, repeat
     from jobs.queue import CeleryJobQueue
     from jobs.settings import get_settings
 
     settings = get_settings()
     queue = CeleryJobQueue(settings)
     log = logging.getLogger("mbatch.beat")
-    while True:
-        try:
-            with session_scope(settings.database_url) as session:
-                published = maintain(session, queue, settings)
-            if published:
-                log.info("published %d jobs", published)
-        except Exception:
-            log.exception("maintenance pass failed; trying again")
-        time.sleep(settings.maintenance_interval_seconds)
+
+    def maintenance_pass() -> None:
+        with session_scope(settings.database_url) as session:
+            published = maintain(session, queue, settings)
+        if published:
+            log.info("published %d jobs", published)
+
+    repeat(
+        settings.maintenance_interval_seconds, maintenance_pass, "maintenance", threading.Event()
+    )
+    return 0
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

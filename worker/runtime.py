@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from jobs import queries
-from jobs.maintenance import maintain
+from jobs.maintenance import maintain, repeat
 from jobs.models import Job
 from jobs.pricing import price
 from jobs.queries import Claim, Outcome
@@ -267,15 +267,9 @@ class WorkerRuntime:
         ]
 
     def _every(self, interval: float, action: Callable[[], None], name: str) -> threading.Thread:
-        def loop() -> None:
-            while not self._stop.is_set():
-                try:
-                    action()
-                except Exception:
-                    log.exception("%s pass failed; trying again", name)
-                self._stop.wait(interval)
-
-        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread = threading.Thread(
+            target=repeat, args=(interval, action, name, self._stop), name=name, daemon=True
+        )
         thread.start()
         return thread
 

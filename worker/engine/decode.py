@@ -5,7 +5,7 @@ cache columns that only padding still occupies, so no compute goes to finished w
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,8 @@ from transformers.cache_utils import DynamicLayer
 from jobs.sampling import SamplingParams
 from worker.engine.loader import LoadedModel
 from worker.engine.sampler import SamplingTensors, sample
+
+Decode = Callable[[Sequence[int]], str]
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class _Row:
         self.cut_text: str | None = None
         self.seconds = 0.0
 
-    def accept(self, token: int, eos_id: int, decode: "_Decode") -> None:
+    def accept(self, token: int, eos_id: int, decode: Decode) -> None:
         if token == eos_id:
             self.finish = "stop"
             return
@@ -56,21 +58,13 @@ class _Row:
         if len(self.tokens) >= self.budget:
             self.finish = "length"
 
-    def _stop_in_tail(self, decode: "_Decode") -> bool:
+    def _stop_in_tail(self, decode: Decode) -> bool:
         """Whether a stop string ends in the newest tokens: every token is at least one
         character, so a stop string of n characters lies within the last n tokens, and a few
         more keep it clear of the window's first piece, whose leading space decode drops."""
         window = max(len(stop) for stop in self.params.stop) + 4
         tail = decode(self.tokens[-window:])
         return any(stop in tail for stop in self.params.stop)
-
-
-class _Decode:
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.tokenizer = loaded.tokenizer
-
-    def __call__(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
 
 def _trimmable(cache: DynamicCache) -> bool:
@@ -98,7 +92,7 @@ def generate(
     vocab = model.config.vocab_size
     context = loaded.spec.context_length
     eos_id = loaded.tokenizer.eos_id
-    decode = _Decode(loaded)
+    decode = loaded.tokenizer.decode
     # A prompt that leaves less room than max_tokens is capped and reports "length".
     rows = [
         _Row(list(ids), p, min(p.max_tokens, max(context - len(ids), 0)))
@@ -175,7 +169,7 @@ def generate(
     return _results(rows, decode)
 
 
-def _results(rows: list[_Row], decode: _Decode) -> list[Generation]:
+def _results(rows: list[_Row], decode: Decode) -> list[Generation]:
     return [
         Generation(
             token_ids=row.tokens,
