@@ -200,15 +200,31 @@ def create_adapter(
     return adapter
 
 
-def find_adapter(session: Session, owner: str, id_or_name: str) -> LoraAdapter:
-    adapter = session.scalar(
+def _owned(session: Session, owner: str, id_or_name: str) -> LoraAdapter | None:
+    return session.scalar(
         select(LoraAdapter).where(
             LoraAdapter.owner == owner,
             or_(LoraAdapter.id == id_or_name, LoraAdapter.name == id_or_name),
         )
     )
+
+
+def find_adapter(session: Session, owner: str, id_or_name: str) -> LoraAdapter:
+    adapter = _owned(session, owner, id_or_name)
     if adapter is None:
         raise NotFound(f"no adapter {id_or_name}", param="lora")
+    return adapter
+
+
+def adapter_for_job(session: Session, owner: str, spec: ModelSpec, lora: str) -> LoraAdapter:
+    """The adapter a job names: the caller's own, made for the job's model."""
+    adapter = _owned(session, owner, lora)
+    if adapter is None:
+        raise InvalidParameter("lora", lora, "you have no adapter of this id or name")
+    if adapter.base_model != spec.name:
+        raise InvalidParameter(
+            "lora", lora, f"the adapter is for {adapter.base_model}, and this job runs {spec.name}"
+        )
     return adapter
 
 

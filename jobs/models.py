@@ -60,7 +60,9 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128), index=True)
     model: Mapped[str] = mapped_column(String(64))
+    # `lora` as the caller wrote it (an id or a name); `lora_id` the adapter it named then.
     lora: Mapped[str | None] = mapped_column(String(256))
+    lora_id: Mapped[str | None] = mapped_column(String(40))
     status: Mapped[JobStatus] = mapped_column(
         Enum(
             JobStatus,

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from jobs import queries
 from jobs.errors import InvalidParameter
+from jobs.loras import adapter_for_job
 from jobs.models import Job, JobStatus
 from jobs.queue import JobQueue
 from jobs.registry import ModelSpec, resolve_model
@@ -49,13 +50,16 @@ def job_id_for(owner: str, idempotency_key: str | None) -> str:
 
 
 def check_lora(spec: ModelSpec, lora: str | None) -> None:
-    if lora is None:
-        return
-    if not spec.allows_lora:
+    if lora is not None and not spec.allows_lora:
         raise InvalidParameter("lora", lora, f"model {spec.name} does not take LoRA adapters")
-    raise InvalidParameter(
-        "lora", lora, "adapters can be uploaded and checked, but jobs cannot use them yet"
-    )
+
+
+def adapter_id_for(session: Session, owner: str, prepared: PreparedJob) -> str | None:
+    """The id of the adapter a job names; another owner's, or one made for another model,
+    is refused as if it did not exist for this job."""
+    if prepared.lora is None:
+        return None
+    return adapter_for_job(session, owner, prepared.spec, prepared.lora).id
 
 
 def check_context(
@@ -126,12 +130,14 @@ def submit_job(
         existing = queries.find_by_idempotency_key(session, owner, key)
         if existing is not None:
             return existing, False
+    lora_id = adapter_id_for(session, owner, prepared)
     scheduled = prepared.run_at is not None and prepared.run_at > utcnow()
     job = Job(
         id=job_id_for(owner, key),
         owner=owner,
         model=prepared.spec.name,
         lora=prepared.lora,
+        lora_id=lora_id,
         status=JobStatus.scheduled if scheduled else JobStatus.queued,
         input=prepared.input,
         sampling=prepared.sampling.to_dict(),

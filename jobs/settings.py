@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # LoRA adapters, checked on upload.
     max_lora_rank: int = 32
     max_lora_bytes: int = 300 * 1000 * 1000
+    # Adapters a worker keeps loaded, least recently used evicted first; a batch never holds
+    # more distinct adapters than this.
+    max_loras: int = 8
 
     # Worker: batching and the claim on a job.
     max_batch_size: int = 32

@@ -6,8 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+from jobs.registry import ModelSpec
 
 
 def make_adapter(
@@ -35,6 +38,46 @@ def make_adapter_for_shape(out: Path, hidden_size: int, rank: int = 4) -> Path:
         head_dim=hidden_size // 4,
     )
     return _save(MistralForCausalLM(config), out, rank, ("q_proj",))
+
+
+def make_adapter_for_model(out: Path, spec: ModelSpec, rank: int = 4) -> Path:
+    """A one-layer q_proj adapter for a full-size registry model, written directly in PEFT's
+    file format: building a 7B model to save it with PEFT would take gigabytes."""
+    in_features, out_features = spec.architecture.projection_shapes()["q_proj"]
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {
+            f"{prefix}.lora_A.weight": torch.randn(rank, in_features),
+            f"{prefix}.lora_B.weight": torch.randn(out_features, rank),
+        },
+        str(out / "adapter_model.safetensors"),
+    )
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["q_proj"]}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def greedy_alone(
+    model_dir: Path, adapter: Path | None, ids: list[int], max_tokens: int
+) -> list[int]:
+    """Greedy output of one prompt, alone, through PEFT's own single-adapter model and Hugging
+    Face `generate`: a reference that shares none of mbatch's decode or adapter code."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    tokens = [int(token) for token in out[0, len(ids) :]]
+    return tokens[:-1] if tokens and tokens[-1] == 2 else tokens
 
 
 def _save(base: Any, out: Path, rank: int, targets: tuple[str, ...]) -> Path:

@@ -1,19 +1,22 @@
 """What a worker process does with its one loaded model: claim, decode, record, maintain."""
 
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from jobs import queries
+from jobs.loras import CONFIG_FIELD, WEIGHTS_FIELD
 from jobs.maintenance import maintain, repeat
-from jobs.models import Job
+from jobs.models import Job, LoraAdapter
 from jobs.pricing import price
 from jobs.queries import Claim, Outcome
 from jobs.queue import JobQueue
@@ -25,6 +28,7 @@ from jobs.tokenizer import encode_job_input
 from worker.engine.batching import plan_groups, select_batch
 from worker.engine.decode import Generation, generate
 from worker.engine.loader import LoadedModel
+from worker.engine.lora_cache import AdapterLoadError, LoraCache
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,18 @@ class _ClaimedRow:
     prompt: list[int]
     params: SamplingParams
 
+    @property
+    def adapter(self) -> str | None:
+        return self.claim.job.lora_id
+
+
+class AdapterUnavailable(Exception):
+    """A job's adapter was deleted, or its files cannot be loaded: the job fails alone."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 class WorkerRuntime:
     def __init__(
@@ -73,6 +89,7 @@ class WorkerRuntime:
         self.storage = storage
         self.queue = queue
         self.worker_id = worker_id
+        self.loras = LoraCache(loaded, settings.max_loras)
         self._running: list[Claim] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -131,6 +148,8 @@ class WorkerRuntime:
             max_tokens=lambda job: int(job.sampling["max_tokens"]),
             max_batch_size=self.settings.max_batch_size,
             max_batch_tokens=self.settings.max_batch_tokens,
+            adapter=lambda job: job.lora_id,
+            max_adapters=self.settings.max_loras,
         )
 
     def _claim(self, first_id: str | None = None) -> list[Claim]:
@@ -167,13 +186,70 @@ class WorkerRuntime:
                     queries.record_failure(session, claim, "invalid_job", str(exc))
                 continue
             rows.append(_ClaimedRow(claim, prompt, params))
-        return rows
+        return self._load_adapters(rows)
+
+    def _load_adapters(self, rows: list[_ClaimedRow]) -> list[_ClaimedRow]:
+        """Load the adapters the rows need; the rows of one that cannot be used fail (or,
+        when storage or the database is away for a moment, are given back), and only they."""
+        needed = {row.adapter for row in rows if row.adapter is not None}
+        unusable: set[str] = set()
+        for adapter_id in sorted(needed):
+            mine = [row.claim for row in rows if row.adapter == adapter_id]
+            try:
+                self._ensure_adapter(adapter_id, keep=needed)
+            except AdapterUnavailable as exc:
+                log.warning("adapter %s cannot be used: %s", adapter_id, exc)
+                with self.session_scope() as session:
+                    for claim in mine:
+                        queries.record_failure(session, claim, exc.code, str(exc))
+            except (OperationalError, BotoCoreError, ClientError, OSError) as exc:
+                log.exception(
+                    "could not fetch adapter %s for now; giving its jobs back", adapter_id
+                )
+                self._give_back(mine, repr(exc))
+            else:
+                continue
+            unusable.add(adapter_id)
+        return [row for row in rows if row.adapter not in unusable]
+
+    def _ensure_adapter(self, adapter_id: str, keep: set[str]) -> None:
+        with self.session_scope() as session:
+            adapter = session.get(LoraAdapter, adapter_id)
+            if adapter is not None:
+                session.expunge(adapter)
+        if adapter is None:
+            raise AdapterUnavailable(
+                "lora_not_found", f"adapter {adapter_id} was deleted after the job was submitted"
+            )
+
+        def fetch(folder: Path) -> None:
+            for part in (CONFIG_FIELD, WEIGHTS_FIELD):
+                try:
+                    data = self.storage.get_bytes(f"{adapter.storage_prefix}/{part}")
+                except KeyError:
+                    raise AdapterUnavailable(
+                        "lora_not_found", f"the files of adapter {adapter_id} are gone"
+                    ) from None
+                if part == WEIGHTS_FIELD and hashlib.sha256(data).hexdigest() != adapter.sha256:
+                    raise AdapterUnavailable(
+                        "lora_load_failed",
+                        f"the stored weights of adapter {adapter_id} do not match their sha256",
+                    )
+                (folder / part).write_bytes(data)
+
+        try:
+            self.loras.ensure(adapter_id, fetch, keep)
+        except AdapterLoadError as exc:
+            raise AdapterUnavailable("lora_load_failed", f"adapter {adapter_id}: {exc}") from exc
 
     def _run_group(self, group: list[_ClaimedRow]) -> int:
         started = time.perf_counter()
         try:
             generations = generate(
-                self.loaded, [row.prompt for row in group], [row.params for row in group]
+                self.loaded,
+                [row.prompt for row in group],
+                [row.params for row in group],
+                [row.adapter for row in group],
             )
         except Exception as exc:
             if len(group) > 1:

@@ -37,6 +37,7 @@ class JobPublic(BaseModel):
     status: JobStatus
     model: str
     lora: str | None
+    lora_id: str | None  # the adapter that `lora` named when the job was submitted
     created_at: datetime
     run_at: datetime | None
     started_at: datetime | None
@@ -84,6 +85,7 @@ def job_public(job: Job, storage: Storage) -> JobPublic:
         status=job.status,
         model=job.model,
         lora=job.lora,
+        lora_id=job.lora_id,
         created_at=aware(job.created_at),  # type: ignore[arg-type]
         run_at=aware(job.run_at),
         started_at=aware(job.started_at),

@@ -6,11 +6,17 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs import service
+from jobs.db import session_scope
+from jobs.errors import InvalidParameter
+from jobs.registry import resolve_model
+from jobs.schemas.openai import BatchLine
 from jobs.settings import Settings
 from tests.adapters import (
     edited_config,
     files,
     make_adapter,
+    make_adapter_for_model,
     make_adapter_for_shape,
     pickled_weights,
 )
@@ -141,3 +147,67 @@ def test_an_adapter_over_the_size_limit_is_refused(
         response = upload(client, alice, "big", files(adapter))
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "adapter_model.safetensors"
+
+
+def job(client: TestClient, headers: dict[str, str], lora: str, **extra: Any) -> Any:
+    body = {"prompt": "Hello", "max_tokens": 4, "lora": lora, **extra}
+    return client.post("/v1/jobs", json=body, headers=headers)
+
+
+def test_a_job_names_its_adapter_by_name_or_id(
+    client: TestClient, alice: dict[str, str], adapter: Path
+) -> None:
+    lora = upload(client, alice, "for-jobs", files(adapter)).json()
+    by_name = job(client, alice, "for-jobs")
+    assert by_name.status_code == 202, by_name.text
+    assert by_name.json()["lora"] == "for-jobs" and by_name.json()["lora_id"] == lora["id"]
+    by_id = job(client, alice, lora["id"])
+    assert by_id.status_code == 202 and by_id.json()["lora_id"] == lora["id"]
+
+
+def test_a_job_cannot_name_another_owners_adapter(
+    client: TestClient, alice: dict[str, str], bob: dict[str, str], adapter: Path
+) -> None:
+    lora = upload(client, alice, "alices-own", files(adapter)).json()
+    for reference in ("alices-own", lora["id"]):
+        response = job(client, bob, reference)
+        assert response.status_code == 422
+        assert response.json()["error"]["param"] == "lora"
+
+
+def test_a_job_cannot_name_an_adapter_of_another_model(
+    client: TestClient, alice: dict[str, str], tmp_path: Path
+) -> None:
+    v01 = resolve_model("mistral-7b-instruct-v0.1")
+    made = upload(
+        client, alice, "for-v01", files(make_adapter_for_model(tmp_path / "v01", v01)), v01.name
+    )
+    assert made.status_code == 201, made.text
+    response = job(client, alice, "for-v01")  # the default model here is the tiny one
+    assert response.status_code == 422 and response.json()["error"]["param"] == "lora"
+    assert "mistral-7b-instruct-v0.1" in response.json()["error"]["message"]
+    assert job(client, alice, "for-v01", model=v01.name).status_code == 202
+
+
+def test_an_openai_request_names_its_adapter_too(
+    client: TestClient, alice: dict[str, str], adapter: Path, api_settings: Settings
+) -> None:
+    lora = upload(client, alice, "openai-style", files(adapter)).json()
+    line = BatchLine.model_validate(
+        {
+            "custom_id": "1",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "tiny-random-mistral",
+                "messages": [{"role": "user", "content": "hi"}],
+                "lora": "openai-style",
+            },
+        }
+    )
+    prepared = service.prepare_openai(line.parsed_body(), api_settings)
+    with session_scope(api_settings.database_url) as session:
+        assert service.adapter_id_for(session, "alice", prepared) == lora["id"]
+        with pytest.raises(InvalidParameter) as refused:
+            service.adapter_id_for(session, "bob", prepared)
+    assert refused.value.param == "lora"

@@ -16,19 +16,24 @@ def select_batch(
     max_tokens: Callable[[T], int],
     max_batch_size: int,
     max_batch_tokens: int,
+    adapter: Callable[[T], str | None] = lambda _: None,
+    max_adapters: int | None = None,
 ) -> list[T]:
     """The first candidate (the oldest, or the one a message names) and the candidates whose
-    prompt lengths are nearest to it, up to the batch size and the token budget.
+    prompt lengths are nearest to it, up to the batch size, the token budget and the number
+    of distinct adapters.
 
     The first candidate always goes, so no job waits behind newer ones for ever; choosing its
     neighbours by length keeps the batch's padding small. The budget is the most KV cache the
-    batch can need: its rows times the longest prompt plus the longest max_tokens.
+    batch can need: its rows times the longest prompt plus the longest max_tokens. A batch
+    never needs more adapters than the worker keeps loaded at once.
     """
     if not candidates:
         return []
     anchor = candidates[0]
     length = prompt_tokens(anchor)
     chosen = [anchor]
+    adapters = {adapter(anchor)} - {None}
     longest_prompt, longest_output = length, max_tokens(anchor)
     for candidate in sorted(candidates[1:], key=lambda c: abs(prompt_tokens(c) - length)):
         if len(chosen) >= max_batch_size:
@@ -38,6 +43,11 @@ def select_batch(
         # Padded, as the cache is laid out: every row as long as the longest of each part.
         if (len(chosen) + 1) * (prompt + output) > max_batch_tokens:
             continue
+        name = adapter(candidate)
+        if name is not None and name not in adapters:
+            if max_adapters is not None and len(adapters) >= max_adapters:
+                continue
+            adapters.add(name)
         chosen.append(candidate)
         longest_prompt, longest_output = prompt, output
     return chosen

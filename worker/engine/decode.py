@@ -7,6 +7,7 @@ cache columns that only padding still occupies, so no compute goes to finished w
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -14,6 +15,7 @@ from transformers.cache_utils import DynamicLayer
 
 from jobs.sampling import SamplingParams
 from worker.engine.loader import LoadedModel
+from worker.engine.lora_cache import BASE, adapter_names
 from worker.engine.sampler import SamplingTensors, sample
 
 Decode = Callable[[Sequence[int]], str]
@@ -85,11 +87,18 @@ def _select_cache(cache: DynamicCache, keep: torch.Tensor, drop_columns: int) ->
 
 @torch.inference_mode()
 def generate(
-    loaded: LoadedModel, prompts: Sequence[list[int]], params: Sequence[SamplingParams]
+    loaded: LoadedModel,
+    prompts: Sequence[list[int]],
+    params: Sequence[SamplingParams],
+    adapters: Sequence[str | None] | None = None,
 ) -> list[Generation]:
-    """Decode every prompt with its own sampling parameters, in one batch."""
-    model, device = loaded.model, loaded.device
-    vocab = model.config.vocab_size
+    """Decode every prompt with its own sampling parameters and LoRA adapter (None: the
+    base model), in one batch. The adapters must be loaded (`LoraCache.ensure`)."""
+    device = loaded.device
+    names = adapter_names(adapters if adapters is not None else [None] * len(prompts))
+    if loaded.peft is None and set(names) != {BASE}:
+        raise ValueError("a row names an adapter, but none is loaded")
+    vocab = loaded.model.config.vocab_size
     context = loaded.spec.context_length
     eos_id = loaded.tokenizer.eos_id
     decode = loaded.tokenizer.decode
@@ -124,7 +133,9 @@ def generate(
     prefill = True
     while active:
         started = time.perf_counter()
-        logits = model(
+        logits = _forward(
+            loaded,
+            [names[i] for i in active],
             input_ids=step_ids,
             attention_mask=attention,
             position_ids=step_positions,
@@ -167,6 +178,13 @@ def generate(
             tensors = tensors.select(keep)
             active = [active[slot] for slot in still]
     return _results(rows, decode)
+
+
+def _forward(loaded: LoadedModel, names: list[str], **inputs: Any) -> Any:
+    if loaded.peft is None:
+        return loaded.model(**inputs)
+    # Once PEFT has injected its layers, a plain call would apply an adapter to every row.
+    return loaded.peft(**inputs, adapter_names=names)
 
 
 def _results(rows: list[_Row], decode: Decode) -> list[Generation]:

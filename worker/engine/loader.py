@@ -3,6 +3,7 @@
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -12,6 +13,9 @@ from jobs.registry import ModelSpec
 from jobs.settings import Settings
 from jobs.tokenizer import MistralTokenizer, v1_tokenizer
 from worker.engine.tiny import make_tiny_model
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,9 @@ class LoadedModel:
     tokenizer: MistralTokenizer
     device: torch.device
     dtype: torch.dtype
+    # The same model with LoRA layers injected, once an adapter has been loaded; from then
+    # on every forward pass goes through it and names each row's adapter.
+    peft: "PeftModel | None" = None
 
 
 def pick_device(setting: str) -> torch.device:
