@@ -28,7 +28,7 @@ from jobs.settings import Settings  # noqa: E402
 from tests.adapters import make_adapter  # noqa: E402
 from worker.engine.decode import generate  # noqa: E402
 from worker.engine.loader import LoadedModel, load_model  # noqa: E402
-from worker.engine.lora_cache import LoraCache  # noqa: E402
+from worker.engine.lora_cache import LoraCache, serving_config  # noqa: E402
 
 ROWS, PROMPT_TOKENS, MAX_TOKENS, RANK = 32, 128, 64, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,7 +65,9 @@ def main() -> None:
         for seed, name in enumerate(ADAPTERS):
             folder = make_adapter(model_dir, root / name, rank=RANK, targets=TARGETS, seed=seed)
             cache.ensure(
-                name, lambda target, f=folder: shutil.copytree(f, target, dirs_exist_ok=True)
+                name,
+                serving_config(RANK, 2 * RANK, TARGETS),
+                lambda target, f=folder: shutil.copytree(f, target, dirs_exist_ok=True),
             )
 
         rng = random.Random(0)

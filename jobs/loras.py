@@ -26,7 +26,26 @@ WEIGHTS_FIELD = "adapter_model.safetensors"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 TENSOR_NAME = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
+)
+PARENT = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+}
+
+
+UNSUPPORTED_OPTIONS = (
+    "use_dora",
+    "use_rslora",
+    "modules_to_save",
+    "layers_to_transform",
+    "layer_replication",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_parameters",
+    "lora_bias",
 )
 
 
@@ -66,11 +85,20 @@ def parse_config(data: bytes, spec: ModelSpec, max_rank: int) -> AdapterConfig:
             unknown,
             f"{spec.name} has no such modules; it has {', '.join(known)}",
         )
-    for unsupported in ("use_dora", "modules_to_save", "layers_to_transform"):
+    # Served with rank, alpha and target modules alone: anything that would change what
+    # those mean, or the base model itself, is refused rather than silently ignored.
+    for unsupported in UNSUPPORTED_OPTIONS:
         if config.get(unsupported):
             raise InvalidParameter(
                 f"{CONFIG_FIELD}.{unsupported}", config[unsupported], "not supported"
             )
+    init = config.get("init_lora_weights", True)
+    if not isinstance(init, bool) and init != "gaussian":
+        raise InvalidParameter(
+            f"{CONFIG_FIELD}.init_lora_weights",
+            init,
+            "adapters that rewrite the base weights (PiSSA, OLoRA, LoftQ...) are not supported",
+        )
     return AdapterConfig(rank=rank, alpha=float(alpha), target_modules=sorted(set(targets)))
 
 
@@ -112,13 +140,19 @@ def check_tensors(header: dict[str, Any], spec: ModelSpec, config: AdapterConfig
     shapes = spec.architecture.projection_shapes()
     if not header:
         raise InvalidParameter(WEIGHTS_FIELD, "...", "the file holds no tensors")
+    parts: dict[str, set[str]] = {}
     for name, entry in header.items():
         match = TENSOR_NAME.match(name)
         if match is None:
             raise InvalidParameter(WEIGHTS_FIELD, name, "not a LoRA weight of a Mistral layer")
-        layer, module, part = int(match[1]), match[2], match[3]
-        if layer >= spec.architecture.num_layers or module not in config.target_modules:
+        layer, parent, module, part = int(match[1]), match[2], match[3], match[4]
+        if (
+            layer >= spec.architecture.num_layers
+            or module not in config.target_modules
+            or PARENT.get(module, "mlp") != parent
+        ):
             raise InvalidParameter(WEIGHTS_FIELD, name, f"{spec.name} has no such target")
+        parts.setdefault(name[: -len("A.weight")], set()).add(part)
         in_features, out_features = shapes[module]
         expected = [config.rank, in_features] if part == "A" else [out_features, config.rank]
         if list(entry["shape"]) != expected:
@@ -126,6 +160,11 @@ def check_tensors(header: dict[str, Any], spec: ModelSpec, config: AdapterConfig
                 WEIGHTS_FIELD,
                 name,
                 f"shape {list(entry['shape'])} does not fit {spec.name}; expected {expected}",
+            )
+    for prefix, found in parts.items():
+        if found != {"A", "B"}:
+            raise InvalidParameter(
+                WEIGHTS_FIELD, prefix + "*", "a LoRA layer needs both its A and its B matrix"
             )
 
 

@@ -2,12 +2,13 @@
 
 import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save, save_file
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from jobs.registry import ModelSpec
@@ -105,6 +106,16 @@ def edited_config(adapter_dir: Path, **changes: Any) -> bytes:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     config.update(changes)
     return json.dumps(config).encode()
+
+
+def edited_weights(
+    adapter_dir: Path,
+    keep: Callable[[str], bool],
+    rename: Callable[[str], str] = lambda key: key,
+) -> bytes:
+    """The adapter's safetensors with some tensors dropped or renamed."""
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    return save({rename(key): tensor.contiguous() for key, tensor in tensors.items() if keep(key)})
 
 
 def pickled_weights(adapter_dir: Path) -> bytes:

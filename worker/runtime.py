@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from jobs import queries
-from jobs.loras import CONFIG_FIELD, WEIGHTS_FIELD
+from jobs.loras import WEIGHTS_FIELD
 from jobs.maintenance import maintain, repeat
 from jobs.models import Job, LoraAdapter
 from jobs.pricing import price
@@ -28,7 +28,7 @@ from jobs.tokenizer import encode_job_input
 from worker.engine.batching import plan_groups, select_batch
 from worker.engine.decode import Generation, generate
 from worker.engine.loader import LoadedModel
-from worker.engine.lora_cache import AdapterLoadError, LoraCache
+from worker.engine.lora_cache import AdapterLoadError, LoraCache, serving_config
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,8 @@ class WorkerRuntime:
                 with self.session_scope() as session:
                     for claim in mine:
                         queries.record_failure(session, claim, exc.code, str(exc))
-            except (OperationalError, BotoCoreError, ClientError, OSError) as exc:
-                log.exception(
-                    "could not fetch adapter %s for now; giving its jobs back", adapter_id
-                )
+            except Exception as exc:  # storage or the database away, out of memory...
+                log.exception("could not load adapter %s for now; giving its jobs back", adapter_id)
                 self._give_back(mine, repr(exc))
             else:
                 continue
@@ -223,22 +221,23 @@ class WorkerRuntime:
             )
 
         def fetch(folder: Path) -> None:
-            for part in (CONFIG_FIELD, WEIGHTS_FIELD):
-                try:
-                    data = self.storage.get_bytes(f"{adapter.storage_prefix}/{part}")
-                except KeyError:
-                    raise AdapterUnavailable(
-                        "lora_not_found", f"the files of adapter {adapter_id} are gone"
-                    ) from None
-                if part == WEIGHTS_FIELD and hashlib.sha256(data).hexdigest() != adapter.sha256:
-                    raise AdapterUnavailable(
-                        "lora_load_failed",
-                        f"the stored weights of adapter {adapter_id} do not match their sha256",
-                    )
-                (folder / part).write_bytes(data)
+            try:
+                data = self.storage.get_bytes(f"{adapter.storage_prefix}/{WEIGHTS_FIELD}")
+            except KeyError:
+                raise AdapterUnavailable(
+                    "lora_not_found", f"the files of adapter {adapter_id} are gone"
+                ) from None
+            if hashlib.sha256(data).hexdigest() != adapter.sha256:
+                raise AdapterUnavailable(
+                    "lora_load_failed",
+                    f"the stored weights of adapter {adapter_id} do not match their sha256",
+                )
+            (folder / WEIGHTS_FIELD).write_bytes(data)
 
+        # Served with what upload checked, from the row, not with the stored config file.
+        config = serving_config(adapter.rank, adapter.alpha, adapter.target_modules)
         try:
-            self.loras.ensure(adapter_id, fetch, keep)
+            self.loras.ensure(adapter_id, config, fetch, keep)
         except AdapterLoadError as exc:
             raise AdapterUnavailable("lora_load_failed", f"adapter {adapter_id}: {exc}") from exc
 

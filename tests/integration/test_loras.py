@@ -14,6 +14,7 @@ from jobs.schemas.openai import BatchLine
 from jobs.settings import Settings
 from tests.adapters import (
     edited_config,
+    edited_weights,
     files,
     make_adapter,
     make_adapter_for_model,
@@ -101,6 +102,35 @@ REFUSALS = [
             "adapter_config.json": edited_config(a, target_modules=["q_proj", "v_proj", "foo_proj"])
         },
         "adapter_config.json.target_modules",
+    ),
+    (
+        "an initialisation that rewrites the base weights",
+        lambda a: {"adapter_config.json": edited_config(a, init_lora_weights="pissa")},
+        "adapter_config.json.init_lora_weights",
+    ),
+    (
+        "layer replication",
+        lambda a: {"adapter_config.json": edited_config(a, layer_replication=[[0, 2], [1, 2]])},
+        "adapter_config.json.layer_replication",
+    ),
+    (
+        "a rank pattern",
+        lambda a: {"adapter_config.json": edited_config(a, rank_pattern={"v_proj": 8})},
+        "adapter_config.json.rank_pattern",
+    ),
+    (
+        "an A matrix without its B",
+        lambda a: {"adapter_model.safetensors": edited_weights(a, lambda k: "lora_B" not in k)},
+        "adapter_model.safetensors",
+    ),
+    (
+        "a projection under the wrong parent",
+        lambda a: {
+            "adapter_model.safetensors": edited_weights(
+                a, lambda k: True, lambda k: k.replace("self_attn", "mlp")
+            )
+        },
+        "adapter_model.safetensors",
     ),
     (
         "rank that does not match the tensors",

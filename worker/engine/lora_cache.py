@@ -10,10 +10,12 @@ import logging
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+from typing import Any
 
-from peft import PeftModel
+import torch
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from worker.engine.loader import LoadedModel
@@ -21,6 +23,7 @@ from worker.engine.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 BASE = "__base__"
+WEIGHTS_FILE = "adapter_model.safetensors"
 
 Fetch = Callable[[Path], None]
 
@@ -36,6 +39,9 @@ class LoraCache:
         self.loaded = loaded
         self.capacity = capacity
         self._resident: OrderedDict[str, None] = OrderedDict()
+        # Adapters whose load failed while they were the only one: PEFT cannot drop its last
+        # adapter, so they stay registered (never named by a row) until another one loads.
+        self._broken: set[str] = set()
         self.loads = 0  # adapters loaded from their files over the cache's life
 
     @property
@@ -43,52 +49,76 @@ class LoraCache:
         """Loaded adapters, least recently used first."""
         return list(self._resident)
 
-    def ensure(self, adapter_id: str, fetch: Fetch, keep: Collection[str] = ()) -> None:
-        """Make an adapter usable, loading it on a miss: `fetch` writes its PEFT files
-        (`adapter_config.json`, `adapter_model.safetensors`) into the folder it is given.
-        Adapters in `keep` (the rest of the batch's) are never evicted to make room."""
+    def ensure(
+        self, adapter_id: str, config: LoraConfig, fetch: Fetch, keep: Collection[str] = ()
+    ) -> None:
+        """Make an adapter usable, loading it on a miss. `config` is built from the checked
+        upload, never taken from the stored file; `fetch` writes the adapter's
+        `adapter_model.safetensors` into the folder it is given. Adapters in `keep` (the
+        rest of the batch's) are never evicted to make room."""
         if adapter_id in self._resident:
             self._resident.move_to_end(adapter_id)
             return
         with tempfile.TemporaryDirectory(prefix="mbatch-lora-") as folder:
             fetch(Path(folder))
             try:
-                # Read once on its own first: a file that is not safetensors fails here,
-                # before PEFT has injected anything into the model.
-                load_file(Path(folder) / "adapter_model.safetensors")
-                self._load(adapter_id, Path(folder))
+                weights = load_file(Path(folder) / WEIGHTS_FILE, device=str(self.loaded.device))
             except Exception as exc:
-                self._forget(adapter_id)
-                raise AdapterLoadError(f"the adapter could not be loaded: {exc}") from exc
+                raise AdapterLoadError(f"the weights could not be read: {exc}") from exc
+        try:
+            self._load(adapter_id, config, weights)
+        except Exception as exc:
+            self._forget(adapter_id)
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise  # not the adapter's fault: its jobs can run later
+            raise AdapterLoadError(f"the adapter could not be loaded: {exc}") from exc
         self._resident[adapter_id] = None
         self.loads += 1
+        log.info("loaded adapter %s (%d resident)", adapter_id, len(self._resident))
+        for broken in list(self._broken):
+            self._forget(broken)
         # Loaded before any eviction, so the model always keeps at least one adapter.
         self._evict(set(keep) | {adapter_id})
 
-    def _load(self, adapter_id: str, folder: Path) -> None:
-        # autocast_adapter_dtype=False keeps the adapter in the model's dtype (bf16 on a
-        # GPU): PEFT would otherwise upcast it to fp32 and every LoRA pass with it.
+    def _load(self, adapter_id: str, config: LoraConfig, weights: dict[str, torch.Tensor]) -> None:
+        # The wrapper exists before any weights load, so from the first injected layer on,
+        # every forward pass names its rows' adapters: a failed load can touch no row.
+        # autocast_adapter_dtype=False keeps adapters in the model's dtype (bf16 on a GPU).
         if self.loaded.peft is None:
-            peft = PeftModel.from_pretrained(
-                self.loaded.model,
-                folder,
-                adapter_name=adapter_id,
-                is_trainable=False,
-                autocast_adapter_dtype=False,
+            peft = PeftModel(
+                self.loaded.model, config, adapter_name=adapter_id, autocast_adapter_dtype=False
             )
             peft.eval()  # mixed-adapter batches are refused in training mode
             self.loaded.peft = peft
         else:
-            self.loaded.peft.load_adapter(
-                folder, adapter_name=adapter_id, is_trainable=False, autocast_adapter_dtype=False
+            self.loaded.peft.add_adapter(adapter_id, config, autocast_adapter_dtype=False)
+            self.loaded.peft.eval()
+        result: Any = set_peft_model_state_dict(self.loaded.peft, weights, adapter_name=adapter_id)
+        missing = [key for key in result.missing_keys if f".{adapter_id}." in key]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{len(missing)} LoRA weights missing, "
+                f"{len(result.unexpected_keys)} not of this model "
+                f"(e.g. {(missing + list(result.unexpected_keys))[0]})"
             )
-        log.info("loaded adapter %s (%d resident)", adapter_id, len(self._resident) + 1)
 
     def _forget(self, adapter_id: str) -> None:
-        """Drop what a failed load left behind."""
+        """Drop an adapter that failed to load, or mark it for later if it is the only one."""
         peft = self.loaded.peft
-        if peft is not None and adapter_id in peft.peft_config and len(peft.peft_config) > 1:
-            peft.delete_adapter(adapter_id)
+        if peft is None or adapter_id not in peft.peft_config:
+            self._broken.discard(adapter_id)
+            return
+        if len(peft.peft_config) == 1:
+            self._broken.add(adapter_id)
+            return
+        self._delete(adapter_id)
+        self._broken.discard(adapter_id)
+
+    def _delete(self, adapter_id: str) -> None:
+        assert self.loaded.peft is not None
+        with warnings.catch_warnings():  # "the active adapter was deleted": none is used
+            warnings.simplefilter("ignore", UserWarning)
+            self.loaded.peft.delete_adapter(adapter_id)
 
     def _evict(self, keep: set[str]) -> None:
         for adapter_id in list(self._resident):
@@ -96,12 +126,24 @@ class LoraCache:
                 return
             if adapter_id in keep:
                 continue
-            assert self.loaded.peft is not None
-            with warnings.catch_warnings():  # "the active adapter was deleted": none is used
-                warnings.simplefilter("ignore", UserWarning)
-                self.loaded.peft.delete_adapter(adapter_id)
+            self._delete(adapter_id)
             del self._resident[adapter_id]
             log.info("evicted adapter %s", adapter_id)
+
+
+def serving_config(rank: int, alpha: float, target_modules: Sequence[str]) -> LoraConfig:
+    """The LoRA config an adapter is served with: only what upload checked. Anything else a
+    stored config could say (other initialisations, layer replication, rank patterns) would
+    change the shared base model or other adapters' rows, so none of it is read."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT divides it by r: a float serves
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=True,
+        inference_mode=True,
+    )
 
 
 def adapter_names(adapters: Collection[str | None]) -> list[str]:
