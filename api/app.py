@@ -7,7 +7,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, DefaultJsonContentType
-from api.routes import health, jobs, loras
+from api.routes import batches, files, health, jobs, loras
 from jobs.queue import CeleryJobQueue
 from jobs.settings import Settings, get_settings
 from jobs.storage import storage_from_settings
@@ -33,11 +33,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(DefaultJsonContentType)
     # Multipart overhead on top of the adapter's own limit, which the route checks exactly.
-    uploads = {"/v1/loras": settings.max_lora_bytes + 1024 * 1024}
+    uploads = {
+        "/v1/loras": settings.max_lora_bytes + 1024 * 1024,
+        "/v1/files": settings.max_file_bytes + 1024 * 1024,
+    }
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, uploads=uploads)
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(loras.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     return app

@@ -1,7 +1,6 @@
 """The one place where errors become HTTP responses: `{"error": {code, message, param}}`."""
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -9,7 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.middleware import BodyTooLarge
-from jobs.errors import MbatchError
+from jobs.errors import MbatchError, describe, main_error
 
 log = logging.getLogger(__name__)
 
@@ -23,38 +22,13 @@ def error_response(
     )
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _is_type_tag(part: str) -> bool:
-    """Pydantic puts the member of a union it tried into `loc`; that is not a field name."""
-    return part in _TYPE_TAGS or "[" in part or "-" in part
-
-
-def _field_path(loc: tuple[Any, ...]) -> str:
-    path = ""
-    for part in loc:
-        if part in ("body", "query", "path", "header") and not path:
-            continue
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif isinstance(part, str) and not _is_type_tag(part):
-            path += f".{part}" if path else part
-    return path
-
-
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(error.get("type") == "json_invalid" for error in errors):
         detail = errors[0].get("ctx", {}).get("error", "")
         return error_response(400, "invalid_json", f"the body is not valid JSON: {detail}")
-    # Of a union's errors, the one about the value (too long, out of range) says more than
-    # "not a string" from the member it did not match.
-    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
-    param = _field_path(tuple(first.get("loc", ()))) or None
-    value = first.get("input")
-    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    message = f"{param}: {first.get('msg')} (got {shown})" if param else str(first.get("msg"))
+    first = main_error(errors)
+    param, message = describe(first)
     if param is None and first.get("type") == "missing":
         message = "a JSON body is required"
     elif param is None and first.get("type") in ("model_type", "model_attributes_type"):

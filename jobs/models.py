@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Enum,
     Float,
@@ -55,6 +56,7 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_model_status_created", "model", "status", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_file_batch_line", "file_batch_id", "line"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -91,6 +93,10 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The jobs claimed together, which ran in one static batch (or its length groups).
     batch_id: Mapped[str | None] = mapped_column(String(40))
+    # The Batches-API batch (made from an input file) this job is a line of, and which line.
+    file_batch_id: Mapped[str | None] = mapped_column(String(40))
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    line: Mapped[int | None] = mapped_column(Integer)
 
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -122,3 +128,107 @@ class LoraAdapter(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_prefix: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BatchStatus(str, enum.Enum):
+    """OpenAI's batch statuses."""
+
+    validating = "validating"
+    failed = "failed"
+    in_progress = "in_progress"
+    finalizing = "finalizing"
+    completed = "completed"
+    expired = "expired"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            BatchStatus.failed,
+            BatchStatus.completed,
+            BatchStatus.expired,
+            BatchStatus.cancelled,
+        )
+
+
+def _str_enum(kind: type[enum.Enum]) -> Enum:
+    return Enum(
+        kind,
+        native_enum=False,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class FileObject(Base):
+    """An uploaded file (an OpenAI batch input) or a batch's output or error file."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(512))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer, default=0)
+    storage_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Batch(Base):
+    """A Batches-API batch: the lines of an input file, run as jobs, with output files."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_batches_owner_idempotency_key"),
+        Index("ix_batches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[BatchStatus] = mapped_column(_str_enum(BatchStatus))
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    # Failed lines of an earlier batch that this one runs again.
+    retry_of: Mapped[str | None] = mapped_column(String(40))
+    max_cost: Mapped[Decimal | None] = mapped_column(MONEY)
+    # Batch-level errors (OpenAI's `errors`), e.g. why every line was refused.
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    invalid: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    # Who is validating or finalizing the batch, until when: a process that dies mid-step
+    # lets the lease lapse, and maintenance takes the step up again.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LineError(Base):
+    """A line of a batch's input that did not become a job, and why."""
+
+    __tablename__ = "batch_line_errors"
+
+    batch_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    code: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    param: Mapped[str | None] = mapped_column(String(256))

@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     # more distinct adapters than this.
     max_loras: int = 8
 
+    # Batch input files (the OpenAI Batch API), refused above these.
+    max_file_bytes: int = 200 * 1000 * 1000
+    max_file_lines: int = 50_000
+    # Overrides every batch's completion window (OpenAI's "24h"), e.g. to test expiry.
+    batch_window_seconds: float | None = None
+    # Lines validated and enqueued per transaction.
+    batch_chunk_lines: int = 1000
+
     # Worker: batching and the claim on a job.
     max_batch_size: int = 32
     # Prompt plus max_tokens, summed over a batch: the most KV cache a batch can need.

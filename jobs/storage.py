@@ -18,6 +18,10 @@ class Storage(Protocol):
 
     def get_bytes(self, key: str) -> bytes: ...
 
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the object, for reading it in pieces; KeyError if absent."""
+        ...
+
     def exists(self, key: str) -> bool: ...
 
     def delete(self, key: str) -> None: ...
@@ -55,6 +59,12 @@ class LocalStorage:
         except FileNotFoundError as exc:
             raise KeyError(key) from exc
 
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError as exc:
+            raise KeyError(key) from exc
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -85,13 +95,17 @@ class S3Storage:
         self.client.upload_fileobj(stream, self.bucket, self._key(key))
 
     def get_bytes(self, key: str) -> bytes:
+        with self.open(key) as body:
+            return bytes(body.read())
+
+    def open(self, key: str) -> BinaryIO:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise KeyError(key) from exc
             raise
-        return bytes(response["Body"].read())
+        return response["Body"]  # type: ignore[no-any-return]
 
     def exists(self, key: str) -> bool:
         try:

@@ -1,7 +1,9 @@
 """The `mbatch` command line."""
 
 import argparse
+import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -30,20 +32,27 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_beat(args: argparse.Namespace) -> int:
+    from jobs import batches
     from jobs.db import session_scope
     from jobs.maintenance import maintain, repeat
     from jobs.queue import CeleryJobQueue
     from jobs.settings import get_settings
+    from jobs.storage import storage_from_settings
 
     settings = get_settings()
     queue = CeleryJobQueue(settings)
+    storage = storage_from_settings(settings)
     log = logging.getLogger("mbatch.beat")
 
+    def scope():  # type: ignore[no-untyped-def]
+        return session_scope(settings.database_url)
+
     def maintenance_pass() -> None:
-        with session_scope(settings.database_url) as session:
+        with scope() as session:
             published = maintain(session, queue, settings)
         if published:
             log.info("published %d jobs", published)
+        batches.advance(scope, storage, queue, settings)
 
     repeat(
         settings.maintenance_interval_seconds, maintenance_pass, "maintenance", threading.Event()
@@ -69,6 +78,26 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
         secret = create_key(session, args.name)
     print(f"API key for {args.name} (shown once; keep it secret):")
     print(secret)
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from mbatch.submit import ApiClient, submit_file
+
+    if not args.key:
+        raise SystemExit("an API key is needed: --key or MBATCH_API_KEY")
+    api = ApiClient(args.api_url, args.key)
+    return submit_file(args.file, args.endpoint, api, args.wait, args.output_dir)
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from jobs.settings import get_settings
+    from mbatch.submit import estimate_file
+
+    settings = get_settings()
+    if args.model:
+        settings = settings.model_copy(update={"model": args.model})
+    print(json.dumps(estimate_file(args.file, args.endpoint, settings)))
     return 0
 
 
@@ -112,6 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys_sub.add_parser("create", help="create a key; prints it as the last line")
     create.add_argument("--name", required=True)
     create.set_defaults(handler=_cmd_keys_create)
+
+    submit = sub.add_parser("submit", help="send a JSONL batch file to a running API")
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--wait", action="store_true", help="follow it and download its files")
+    submit.add_argument("--endpoint", default=None, help="default: the first line's url")
+    submit.add_argument(
+        "--api-url", default=os.environ.get("MBATCH_API_URL", "http://127.0.0.1:8000")
+    )
+    submit.add_argument("--key", default=os.environ.get("MBATCH_API_KEY"))
+    submit.add_argument("--output-dir", type=Path, default=Path("."))
+    submit.set_defaults(handler=_cmd_submit)
+
+    estimate = sub.add_parser("estimate", help="count a JSONL file's tokens and cost range")
+    estimate.add_argument("file", type=Path)
+    estimate.add_argument("--endpoint", default=None, help="default: the first line's url")
+    estimate.add_argument("--model", default=None, help="for lines that name no model")
+    estimate.set_defaults(handler=_cmd_estimate)
 
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random Mistral model")
     tiny.add_argument("dir", type=Path)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from jobs import service
 from jobs.db import session_scope
-from jobs.errors import MbatchError
+from jobs.errors import MbatchError, describe, main_error
 from jobs.models import Job, JobStatus
 from jobs.queries import Claim
 from jobs.registry import resolve_model
@@ -76,9 +76,8 @@ def _error(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, MbatchError):
         return {"code": exc.code, "message": exc.message, "param": exc.param}
     if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        return {"code": "invalid_parameter", "message": f"{param}: {first['msg']}", "param": param}
+        param, message = describe(main_error(exc.errors()))
+        return {"code": "invalid_parameter", "message": message, "param": param}
     return {"code": "invalid_line", "message": str(exc), "param": None}
 
 

@@ -13,7 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from jobs import queries
+from jobs import batches, queries
 from jobs.loras import WEIGHTS_FIELD
 from jobs.maintenance import maintain, repeat
 from jobs.models import Job, LoraAdapter
@@ -106,10 +106,13 @@ class WorkerRuntime:
         finished is skipped, which is what makes a repeated message harmless.
         """
         with self.session_scope() as session:
-            if not queries.is_queued(session, job_id):
-                return 0  # claimed by an earlier batch, finished or cancelled: nothing to do
+            mine = queries.is_queued(session, job_id)
+            if not mine and not queries.count_queued(session, self.model_name):
+                return 0  # run by an earlier batch, and nothing else waits: nothing to do
         self._wait_for_stragglers()
-        claims = self._claim(first_id=job_id)
+        # A message is published per batch's worth of a bulk submission, not per job, so
+        # one whose job has gone still runs a batch of whatever is queued.
+        claims = self._claim(first_id=job_id if mine else None)
         return self.run_claims(claims) if claims else 0
 
     def drain(self, on_batch: Callable[[list[Claim]], None] | None = None) -> int:
@@ -170,10 +173,21 @@ class WorkerRuntime:
         try:
             rows = self._prepare(claims)
             groups = plan_groups(rows, lambda row: len(row.prompt), self.settings.max_padding)
-            return sum(self._run_group(group) for group in groups)
+            recorded = sum(self._run_group(group) for group in groups)
         finally:
             with self._lock:
                 self._running = []
+        self._finalize_file_batches(claims)
+        return recorded
+
+    def _finalize_file_batches(self, claims: list[Claim]) -> None:
+        """A file batch whose last lines just ran gets its output files now, not at the next
+        maintenance pass."""
+        batch_ids = {c.job.file_batch_id for c in claims if c.job.file_batch_id is not None}
+        try:
+            batches.finalize_if_done(self.session_scope, self.storage, batch_ids)
+        except Exception:  # maintenance finalizes it later
+            log.exception("could not finalize batches %s", sorted(batch_ids))
 
     def _prepare(self, claims: list[Claim]) -> list[_ClaimedRow]:
         rows = []
@@ -330,6 +344,7 @@ class WorkerRuntime:
         """Give back dead workers' jobs, start due jobs, publish what may be lost."""
         with self.session_scope() as session:
             maintain(session, self.queue, self.settings)
+        batches.advance(self.session_scope, self.storage, self.queue, self.settings)
 
     def start_maintenance(self) -> list[threading.Thread]:
         """Lease renewal and maintenance, each on its own timer, so that a long maintenance

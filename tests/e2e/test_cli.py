@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests import services
+from tests.conftest import Stack, create_key
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "prompts.jsonl"
 
@@ -48,3 +49,43 @@ def test_run_writes_one_line_per_input_line_in_order(tmp_path: Path, models_dir:
     assert {row.get("custom_id") for row in rows} >= {"request-1", "request-2"}
     assert f"jobs: {len(rows)} ({len(rows) - 2} succeeded, 2 failed)" in result.stderr
     assert "completion tokens/s" in result.stderr and "cost: $" in result.stderr
+
+
+def test_submit_waits_and_downloads_the_output_and_error_files(
+    stack: Stack, tmp_path: Path
+) -> None:
+    rows = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "tiny-random-mistral", "prompt": f"Count {i}:", "max_tokens": 3},
+        }
+        for i in range(12)
+    ]
+    source = tmp_path / "questions.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{broken\n")
+    estimate = subprocess.run(
+        services.mbatch("estimate", str(source)), capture_output=True, text=True, check=True
+    )
+    counted = json.loads(estimate.stdout.splitlines()[-1])
+    assert (counted["valid_lines"], counted["invalid_lines"]) == (12, 1)
+
+    key = create_key(stack.env, "gina")
+    result = subprocess.run(
+        services.mbatch("submit", str(source), "--wait", "--output-dir", str(tmp_path)),
+        env={**stack.env, "MBATCH_API_URL": stack.api_url, "MBATCH_API_KEY": key},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr  # one line failed
+    assert "completed: 12 of 13 lines completed, 1 failed" in result.stdout
+    outputs = (tmp_path / "questions.output.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in outputs) == sorted(
+        row["custom_id"] for row in rows
+    )
+    usage = [json.loads(line)["response"]["body"]["usage"] for line in outputs]
+    assert sum(u["prompt_tokens"] for u in usage) == counted["prompt_tokens"]
+    errors = (tmp_path / "questions.error.jsonl").read_text().splitlines()
+    assert json.loads(errors[0])["error"]["line"] == 13

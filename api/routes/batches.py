@@ -1,0 +1,109 @@
+"""Batches: the lines of an input file run as jobs (the OpenAI Batch API)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Query, Response
+from sqlalchemy.orm import Session
+
+from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, SettingsDep, StorageDep
+from jobs import batches
+from jobs.db import session_scope
+from jobs.models import Batch
+from jobs.schemas.batches import BatchCreate, BatchEstimate, BatchList, BatchPublic
+from jobs.settings import Settings
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+def batch_public(session: Session, batch: Batch) -> BatchPublic:
+    return BatchPublic.of(
+        batch, batches.request_counts(session, batch), batches.usage(session, batch.id)
+    )
+
+
+def _scope(settings: Settings) -> batches.SessionScope:
+    return lambda: session_scope(settings.database_url)
+
+
+@router.post("", response_model=BatchPublic | BatchEstimate)
+def create_batch(
+    body: BatchCreate,
+    response: Response,
+    background: BackgroundTasks,
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    queue: QueueDep,
+    storage: StorageDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> BatchPublic | BatchEstimate:
+    """Start a batch from an uploaded file, or with `dry_run` only count its tokens and cost."""
+    if body.dry_run:
+        file = batches.input_file(session, owner, body.input_file_id)
+        with storage.open(file.storage_key) as stream:
+            return batches.estimate(session, stream, owner, file.id, body.endpoint, settings)
+    batch, created = batches.create_batch(session, owner, body, settings, idempotency_key)
+    if created:
+        background.add_task(
+            batches.validate_batch, _scope(settings), storage, queue, settings, batch.id
+        )
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return batch_public(session, batch)
+
+
+@router.get("", response_model=BatchList)
+def list_batches(
+    session: SessionDep,
+    owner: OwnerDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> BatchList:
+    """Your batches, newest first; pass the last id of a page as `after` for the next."""
+    page, has_more = batches.list_batches(session, owner, after, limit)
+    return BatchList(
+        data=[batch_public(session, b) for b in page],
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=has_more,
+    )
+
+
+@router.get("/{batch_id}", response_model=BatchPublic)
+def get_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> BatchPublic:
+    """A batch's status, request counts, usage and files."""
+    return batch_public(session, batches.get_batch(session, owner, batch_id))
+
+
+@router.post("/{batch_id}/cancel", response_model=BatchPublic)
+def cancel_batch(
+    batch_id: str,
+    background: BackgroundTasks,
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    storage: StorageDep,
+) -> BatchPublic:
+    """Stop a batch; it is `cancelled`, with the lines that finished, once its files are written."""
+    batch = batches.cancel_batch(session, batches.get_batch(session, owner, batch_id))
+    background.add_task(batches.finalize, _scope(settings), storage, batch.id)
+    return batch_public(session, batch)
+
+
+@router.post("/{batch_id}/retry", response_model=BatchPublic)
+def retry_batch(
+    batch_id: str,
+    background: BackgroundTasks,
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    queue: QueueDep,
+    storage: StorageDep,
+) -> BatchPublic:
+    """A new batch of the lines of an ended batch that did not succeed."""
+    source = batches.get_batch(session, owner, batch_id)
+    retry = batches.retry_failed(session, storage, owner, source, settings)
+    background.add_task(
+        batches.validate_batch, _scope(settings), storage, queue, settings, retry.id
+    )
+    return batch_public(session, retry)

@@ -1,0 +1,85 @@
+"""The lines of a batch's output and error files, in OpenAI's batch output format.
+
+Pure functions of a finished job (or a refused line), so the format is tested on fixed inputs.
+"""
+
+from decimal import Decimal
+from typing import Any
+
+from jobs.models import Job
+from jobs.schemas.openai import CHAT_ENDPOINT
+from jobs.timeutil import aware
+
+
+def _request_id(job_id: str) -> str:
+    return "batch_req_" + job_id.removeprefix("job_")
+
+
+def response_body(job: Job, text: str, endpoint: str) -> dict[str, Any]:
+    """A `chat.completion` or `text_completion` object, with `usage.estimated_cost`."""
+    completion = job.completion_tokens or 0
+    cost = (job.cost_input or Decimal(0)) + (job.cost_output or Decimal(0))
+    created = aware(job.finished_at or job.created_at)
+    assert created is not None
+    common = {
+        "created": int(created.timestamp()),
+        "model": job.model,
+        "usage": {
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": job.prompt_tokens + completion,
+            "estimated_cost": float(cost),
+        },
+    }
+    finish = job.finish_reason or "stop"
+    suffix = job.id.removeprefix("job_")
+    if endpoint == CHAT_ENDPOINT:
+        return {
+            "id": f"chatcmpl-{suffix}",
+            "object": "chat.completion",
+            **common,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ],
+        }
+    return {
+        "id": f"cmpl-{suffix}",
+        "object": "text_completion",
+        **common,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+    }
+
+
+def output_line(job: Job, text: str, endpoint: str) -> dict[str, Any]:
+    return {
+        "id": _request_id(job.id),
+        "custom_id": job.custom_id,
+        "response": {
+            "status_code": 200,
+            "request_id": job.id,
+            "body": response_body(job, text, endpoint),
+        },
+        "error": None,
+    }
+
+
+def error_line(
+    request_id: str,
+    custom_id: str | None,
+    line: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+) -> dict[str, Any]:
+    """A line that produced no response: refused at validation, failed, cancelled or expired."""
+    return {
+        "id": _request_id(request_id),
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message, "param": param, "line": line},
+    }

@@ -1,0 +1,773 @@
+"""Batches (the OpenAI Batch API): an input file's lines validated into jobs, run in the
+shared static batches next to everyone's work, and gathered into output and error files.
+
+Each step that takes a while (validating, finalizing) is taken under a lease on the batch
+row, so a process that dies mid-step leaves it to maintenance, and every step can run again
+without doing anything twice: a line's job id is fixed by its batch and line number.
+"""
+
+import hashlib
+import heapq
+import json
+import logging
+import secrets
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any, BinaryIO
+
+from pydantic import ValidationError
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from jobs import files
+from jobs.batch_lines import error_line, output_line
+from jobs.errors import Conflict, InvalidParameter, MbatchError, NotFound, describe, main_error
+from jobs.loras import adapter_for_job
+from jobs.models import Batch, BatchStatus, FileObject, Job, JobStatus, LineError
+from jobs.pricing import price
+from jobs.queue import JobQueue
+from jobs.registry import ModelSpec, resolve_model
+from jobs.schemas.batches import BatchCreate, BatchEstimate, RequestCounts
+from jobs.schemas.openai import BatchLine
+from jobs.service import PreparedJob, prepare_openai
+from jobs.settings import Settings
+from jobs.storage import Storage
+from jobs.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+WINDOW_SECONDS = {"24h": 24 * 3600}
+STEP_LEASE = timedelta(minutes=5)
+UNFINISHED = (JobStatus.scheduled, JobStatus.queued, JobStatus.running)
+# Validation of an abandoned batch is taken up by maintenance only after this long, so the
+# API process that accepted the batch normally does it.
+VALIDATION_GRACE = timedelta(seconds=60)
+SessionScope = Callable[[], Any]
+
+
+def line_job_id(batch_id: str, line: int) -> str:
+    digest = hashlib.sha256(f"{batch_id}\x00{line}".encode()).hexdigest()
+    return "job_" + digest[:24]
+
+
+def _file_id(batch_id: str, kind: str) -> str:
+    return "file-" + hashlib.sha256(f"{batch_id}\x00{kind}".encode()).hexdigest()[:24]
+
+
+# --- checking lines ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValidLine:
+    line: int
+    custom_id: str
+    prepared: PreparedJob
+    lora_id: str | None
+
+
+@dataclass(frozen=True)
+class InvalidLine:
+    line: int
+    custom_id: str | None
+    code: str
+    message: str
+    param: str | None = None
+
+
+AdapterLookup = Callable[[ModelSpec, str], str]
+
+
+class LineChecker:
+    """Checks lines one at a time, remembering the custom_ids seen so far."""
+
+    def __init__(self, endpoint: str, settings: Settings, adapter_id: AdapterLookup | None) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self.adapter_id = adapter_id
+        self.seen: set[str] = set()
+
+    def check(self, number: int, raw: bytes | None) -> ValidLine | InvalidLine:
+        def invalid(code: str, message: str, param: str | None = None) -> InvalidLine:
+            return InvalidLine(number, custom_id, code, f"line {number}: {message}", param)
+
+        custom_id: str | None = None
+        if raw is None:
+            return invalid("line_too_long", "longer than the largest request accepted")
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return invalid("invalid_json", f"not JSON ({exc})")
+        if not isinstance(data, dict):
+            return invalid("invalid_request", "a line is a JSON object")
+        if isinstance(data.get("custom_id"), str):
+            custom_id = data["custom_id"]
+        if not custom_id:
+            return invalid("missing_custom_id", "custom_id is required", "custom_id")
+        if custom_id in self.seen:
+            return invalid(
+                "duplicate_custom_id", f"custom_id {custom_id!r} is used twice", "custom_id"
+            )
+        self.seen.add(custom_id)
+        if data.get("url") != self.endpoint:
+            return invalid(
+                "invalid_url", f"url {data.get('url')!r} is not the batch's {self.endpoint}", "url"
+            )
+        try:
+            request = BatchLine.model_validate(data)
+        except ValidationError as exc:
+            param, message = describe(main_error(exc.errors()), prefix="")
+            return invalid("invalid_parameter", message, param)
+        except MbatchError as exc:
+            return invalid(exc.code, exc.message, exc.param)
+        try:
+            body = request.parsed_body()
+            if body.model is None:
+                body = body.model_copy(update={"model": self.settings.model})
+            prepared = prepare_openai(body, self.settings)
+            lora_id = None
+            if prepared.lora is not None and self.adapter_id is not None:
+                lora_id = self.adapter_id(prepared.spec, prepared.lora)
+        except ValidationError as exc:
+            param, message = describe(main_error(exc.errors()), prefix="body")
+            return invalid("invalid_parameter", message, param)
+        except MbatchError as exc:
+            return invalid(exc.code, exc.message, f"body.{exc.param}" if exc.param else None)
+        return ValidLine(number, custom_id, prepared, lora_id)
+
+
+def owner_adapters(session: Session, owner: str) -> AdapterLookup:
+    """Adapter lookups for one owner, each (model, name) asked of the database once."""
+    known: dict[tuple[str, str], str] = {}
+
+    def lookup(spec: ModelSpec, lora: str) -> str:
+        if (spec.name, lora) not in known:
+            known[(spec.name, lora)] = adapter_for_job(session, owner, spec, lora).id
+        return known[(spec.name, lora)]
+
+    return lookup
+
+
+def check_file(
+    stream: BinaryIO, checker: LineChecker, max_line_bytes: int
+) -> Iterator[ValidLine | InvalidLine]:
+    """Every non-blank line of a file, checked, in order."""
+    for number, raw in enumerate(files.read_lines(stream, max_line_bytes), start=1):
+        if raw is not None and not raw.strip():
+            continue
+        yield checker.check(number, raw)
+
+
+# --- creating, estimating ----------------------------------------------------------------
+
+
+def input_file(session: Session, owner: str, file_id: str) -> FileObject:
+    try:
+        file = files.get_file(session, owner, file_id)
+    except NotFound:
+        raise NotFound(f"no file {file_id}", param="input_file_id") from None
+    if file.purpose != files.INPUT_PURPOSE:
+        raise InvalidParameter("input_file_id", file_id, 'not a file of purpose "batch"')
+    return file
+
+
+def create_batch(
+    session: Session,
+    owner: str,
+    body: BatchCreate,
+    settings: Settings,
+    idempotency_key: str | None = None,
+) -> tuple[Batch, bool]:
+    """Record a batch in `validating`; returns it and whether it is new (an idempotency key
+    seen before returns the batch it made)."""
+    key = idempotency_key or body.idempotency_key
+    if key is not None and (found := _by_key(session, owner, key)) is not None:
+        return found, False
+    file = input_file(session, owner, body.input_file_id)
+    window = settings.batch_window_seconds or WINDOW_SECONDS[body.completion_window]
+    now = utcnow()
+    batch = Batch(
+        id="batch_" + secrets.token_hex(12),
+        owner=owner,
+        endpoint=body.endpoint,
+        input_file_id=file.id,
+        completion_window=body.completion_window,
+        status=BatchStatus.validating,
+        metadata_=body.metadata,
+        callback_url=body.callback_url,
+        idempotency_key=key,
+        max_cost=body.max_cost,
+        total=file.lines,
+        invalid=0,
+        completed=0,
+        failed=0,
+        created_at=now,
+        expires_at=now + timedelta(seconds=window),
+    )
+    session.add(batch)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        found = _by_key(session, owner, key) if key else None
+        if found is None:
+            raise
+        return found, False
+    return batch, True
+
+
+def _by_key(session: Session, owner: str, key: str) -> Batch | None:
+    return session.scalar(select(Batch).where(Batch.owner == owner, Batch.idempotency_key == key))
+
+
+def estimate(
+    session: Session | None,
+    storage_stream: BinaryIO,
+    owner: str,
+    file_id: str,
+    endpoint: str,
+    settings: Settings,
+) -> BatchEstimate:
+    """A dry run: every line checked and its prompt tokens counted exactly, nothing run. The
+    cost runs from the prompts alone to every line using all its max_tokens."""
+    lookup = owner_adapters(session, owner) if session is not None else None
+    checker = LineChecker(endpoint, settings, lookup)
+    prompt_tokens = max_completion = total = 0
+    low = high = Decimal(0)
+    errors: list[dict[str, Any]] = []
+    for result in check_file(storage_stream, checker, settings.max_request_bytes):
+        total += 1
+        if isinstance(result, InvalidLine):
+            errors.append(_line_error_dict(result))
+            continue
+        tokens, budget = result.prepared.prompt_tokens, result.prepared.sampling.max_tokens
+        prompt_tokens += tokens
+        max_completion += budget
+        low += price(result.prepared.spec, tokens, 0).total
+        high += price(result.prepared.spec, tokens, budget).total
+    return BatchEstimate(
+        input_file_id=file_id,
+        endpoint=endpoint,
+        total_lines=total,
+        valid_lines=total - len(errors),
+        invalid_lines=len(errors),
+        prompt_tokens=prompt_tokens,
+        max_completion_tokens=max_completion,
+        cost={"currency": "USD", "min": float(low), "max": float(high)},
+        errors=errors[:100],
+    )
+
+
+def _line_error_dict(line: InvalidLine) -> dict[str, Any]:
+    return {"code": line.code, "message": line.message, "param": line.param, "line": line.line}
+
+
+# --- validating: lines become jobs -------------------------------------------------------
+
+
+def _take_step(session: Session, batch_id: str, statuses: Iterable[BatchStatus]) -> Batch | None:
+    """Take the batch's step lease if it is in one of `statuses` and nobody holds it."""
+    now = utcnow()
+    taken = session.execute(
+        update(Batch)
+        .where(
+            Batch.id == batch_id,
+            Batch.status.in_(list(statuses)),
+            or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now),
+        )
+        .values(lease_expires_at=now + STEP_LEASE)
+    )
+    session.commit()
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return session.get(Batch, batch_id)
+
+
+def _job_row(batch: Batch, line: ValidLine) -> dict[str, Any]:
+    prepared, now = line.prepared, utcnow()
+    return {
+        "id": line_job_id(batch.id, line.line),
+        "owner": batch.owner,
+        "model": prepared.spec.name,
+        "lora": prepared.lora,
+        "lora_id": line.lora_id,
+        "status": JobStatus.queued,
+        "input": prepared.input,
+        "sampling": prepared.sampling.to_dict(),
+        "prompt_tokens": prepared.prompt_tokens,
+        "attempts": 0,
+        "created_at": now,
+        "enqueued_at": now,
+        "file_batch_id": batch.id,
+        "custom_id": line.custom_id,
+        "line": line.line,
+    }
+
+
+def _insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(postgresql.insert(table).on_conflict_do_nothing(), rows)
+    else:
+        session.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
+
+
+def validate_batch(
+    scope: SessionScope, storage: Storage, queue: JobQueue, settings: Settings, batch_id: str
+) -> None:
+    """The batch's `validating` step: each line checked, good lines enqueued as jobs in
+    chunks, bad lines recorded with their line number and why. Ends `in_progress`, or
+    `failed` when no line was good."""
+    with scope() as session:
+        batch = _take_step(session, batch_id, [BatchStatus.validating])
+        if batch is None:
+            return
+        session.expunge(batch)
+        file = session.get(FileObject, batch.input_file_id)
+        key = file.storage_key if file is not None else None
+    total = invalid = 0
+    if key is None:
+        _fail(scope, batch, [{"code": "file_not_found", "message": "the input file was deleted"}])
+        return
+    with scope() as session, storage.open(key) as stream:
+        checker = LineChecker(batch.endpoint, settings, owner_adapters(session, batch.owner))
+        pending: list[ValidLine | InvalidLine] = []
+        for result in check_file(stream, checker, settings.max_request_bytes):
+            total += 1
+            invalid += isinstance(result, InvalidLine)
+            pending.append(result)
+            if len(pending) >= settings.batch_chunk_lines:
+                if not _enqueue(session, queue, settings, batch, pending):
+                    return  # cancelled or expired meanwhile
+                pending = []
+        if not _enqueue(session, queue, settings, batch, pending):
+            return
+    with scope() as session:
+        now = utcnow()
+        values: dict[str, Any] = {"total": total, "invalid": invalid, "lease_expires_at": None}
+        if total == invalid:
+            values.update(status=BatchStatus.finalizing, finalizing_at=now)
+        else:
+            values.update(status=BatchStatus.in_progress, in_progress_at=now)
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch.id, Batch.status == BatchStatus.validating)
+            .values(**values)
+        )
+        session.commit()
+    log.info("batch %s validated: %d lines, %d refused", batch.id, total, invalid)
+    if total == invalid:
+        finalize(scope, storage, batch.id)
+
+
+def _enqueue(
+    session: Session,
+    queue: JobQueue,
+    settings: Settings,
+    batch: Batch,
+    results: list[ValidLine | InvalidLine],
+) -> bool:
+    """Record one chunk of checked lines, if the batch is still validating; then wake the
+    workers, one message per batch's worth of jobs (a message only says there is work)."""
+    status = session.scalar(select(Batch.status).where(Batch.id == batch.id).with_for_update())
+    if status != BatchStatus.validating:
+        session.rollback()
+        return False
+    jobs = [_job_row(batch, r) for r in results if isinstance(r, ValidLine)]
+    errors = [
+        {
+            "batch_id": batch.id,
+            "line": r.line,
+            "custom_id": r.custom_id,
+            "code": r.code,
+            "message": r.message,
+            "param": r.param,
+        }
+        for r in results
+        if isinstance(r, InvalidLine)
+    ]
+    _insert_ignoring_duplicates(session, Job.__table__, jobs)
+    _insert_ignoring_duplicates(session, LineError.__table__, errors)
+    session.execute(
+        update(Batch).where(Batch.id == batch.id).values(lease_expires_at=utcnow() + STEP_LEASE)
+    )
+    session.commit()
+    for model in {job["model"] for job in jobs}:
+        ids = [job["id"] for job in jobs if job["model"] == model]
+        for job_id in ids[:: settings.max_batch_size]:
+            try:
+                queue.publish(job_id, resolve_model(model).queue)
+            except Exception:  # the broker is away: maintenance publishes queued jobs later
+                log.exception("could not publish batch %s's jobs", batch.id)
+                break
+    return True
+
+
+def _fail(scope: SessionScope, batch: Batch, errors: list[dict[str, Any]]) -> None:
+    with scope() as session:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch.id)
+            .values(
+                status=BatchStatus.failed,
+                failed_at=utcnow(),
+                errors=errors,
+                lease_expires_at=None,
+            )
+        )
+        session.commit()
+
+
+# --- progress, cancel, expiry ------------------------------------------------------------
+
+
+def job_counts(session: Session, batch_id: str) -> dict[JobStatus, int]:
+    rows = session.execute(
+        select(Job.status, func.count()).where(Job.file_batch_id == batch_id).group_by(Job.status)
+    ).all()
+    return {status: count for status, count in rows}
+
+
+def request_counts(session: Session, batch: Batch) -> RequestCounts:
+    if batch.status.finished:
+        return RequestCounts(total=batch.total, completed=batch.completed, failed=batch.failed)
+    counts = job_counts(session, batch.id)
+    return RequestCounts(
+        total=batch.total,
+        completed=counts.get(JobStatus.succeeded, 0),
+        failed=batch.invalid + counts.get(JobStatus.failed, 0) + counts.get(JobStatus.cancelled, 0),
+    )
+
+
+def usage(session: Session, batch_id: str) -> dict[str, Any]:
+    """Tokens and cost of the batch's lines that have finished."""
+    prompt, completion, cost_in, cost_out = session.execute(
+        select(
+            func.coalesce(func.sum(Job.prompt_tokens), 0),
+            func.coalesce(func.sum(Job.completion_tokens), 0),
+            func.coalesce(func.sum(Job.cost_input), 0),
+            func.coalesce(func.sum(Job.cost_output), 0),
+        ).where(Job.file_batch_id == batch_id, Job.status == JobStatus.succeeded)
+    ).one()
+    prompt, completion = int(prompt or 0), int(completion or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "estimated_cost": float(Decimal(cost_in or 0) + Decimal(cost_out or 0)),
+    }
+
+
+def _stop_jobs(session: Session, batch_id: str, code: str, message: str) -> None:
+    """Cancel the batch's jobs that have not finished; a running one's result is dropped."""
+    session.execute(
+        update(Job)
+        .where(Job.file_batch_id == batch_id, Job.status.in_(UNFINISHED))
+        .values(
+            status=JobStatus.cancelled,
+            finished_at=utcnow(),
+            claim_token=None,
+            error_code=code,
+            error_message=message,
+        )
+    )
+
+
+def cancel_batch(session: Session, batch: Batch) -> Batch:
+    """Stop a batch: it is `cancelling` until its files are written, then `cancelled`."""
+    if batch.status.finished:
+        raise Conflict(f"batch {batch.id} has already ended ({batch.status.value})", param="id")
+    if batch.status != BatchStatus.cancelling:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch.id)
+            .values(status=BatchStatus.cancelling, cancelling_at=utcnow(), lease_expires_at=None)
+        )
+        _stop_jobs(session, batch.id, "batch_cancelled", "the batch was cancelled")
+        session.commit()
+        session.refresh(batch)
+    return batch
+
+
+def expire_due(session: Session) -> list[str]:
+    """Batches past their completion window stop; their files hold what finished."""
+    due = list(
+        session.scalars(
+            select(Batch.id).where(
+                Batch.status.in_([BatchStatus.validating, BatchStatus.in_progress]),
+                Batch.expires_at < utcnow(),
+            )
+        )
+    )
+    for batch_id in due:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(
+                status=BatchStatus.finalizing,
+                expired_at=utcnow(),
+                finalizing_at=utcnow(),
+                lease_expires_at=None,
+            )
+        )
+        _stop_jobs(session, batch_id, "batch_expired", "the batch's completion window ended")
+    session.commit()
+    return due
+
+
+# --- finalizing: output and error files --------------------------------------------------
+
+
+def finalize(scope: SessionScope, storage: Storage, batch_id: str) -> bool:
+    """Write the output and error files of a batch whose lines have all ended, and give it
+    its final status. False where there is nothing to do yet."""
+    with scope() as session:
+        batch = _take_step(
+            session,
+            batch_id,
+            [BatchStatus.in_progress, BatchStatus.finalizing, BatchStatus.cancelling],
+        )
+        if batch is None:
+            return False
+        unfinished = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.file_batch_id == batch_id, Job.status.in_(UNFINISHED))
+        )
+        if batch.status == BatchStatus.in_progress:
+            if unfinished:
+                batch.lease_expires_at = None
+                session.commit()
+                return False
+            batch.status, batch.finalizing_at = BatchStatus.finalizing, utcnow()
+            session.commit()
+        session.expunge(batch)
+    if batch.status == BatchStatus.cancelling:
+        final = BatchStatus.cancelled
+    elif batch.expired_at is not None:
+        final = BatchStatus.expired
+    elif batch.total and batch.invalid == batch.total:
+        final = BatchStatus.failed
+    else:
+        final = BatchStatus.completed
+
+    with scope() as session:
+        output_id, completed = _write_output(session, storage, batch)
+        error_id, failed = _write_errors(session, storage, batch)
+        values: dict[str, Any] = {
+            "status": final,
+            f"{final.value}_at": utcnow(),
+            "output_file_id": output_id,
+            "error_file_id": error_id,
+            "completed": completed,
+            "failed": failed,
+            "lease_expires_at": None,
+        }
+        if final == BatchStatus.failed:
+            first = session.scalars(
+                select(LineError).where(LineError.batch_id == batch.id).order_by(LineError.line)
+            ).all()[:100]
+            values["errors"] = [
+                {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
+                for e in first
+            ]
+        session.execute(update(Batch).where(Batch.id == batch.id).values(**values))
+        session.commit()
+    log.info("batch %s %s: %d completed, %d failed", batch.id, final.value, completed, failed)
+    return True
+
+
+def _text_of(storage: Storage, job: Job) -> str:
+    if job.response_text is not None:
+        return job.response_text
+    if job.response_uri is not None:
+        return storage.get_bytes(job.response_uri).decode()
+    return ""
+
+
+def _write_file(
+    session: Session,
+    storage: Storage,
+    batch: Batch,
+    kind: str,
+    lines: Iterable[dict[str, Any]],
+) -> tuple[str | None, int]:
+    count = 0
+    with tempfile.TemporaryFile() as out:
+        for line in lines:
+            out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+            count += 1
+        if not count:
+            return None, 0
+        out.seek(0)
+        file_id = _file_id(batch.id, kind)
+        files.save_output(session, storage, batch.owner, file_id, f"{batch.id}_{kind}.jsonl", out)
+        session.commit()
+    return file_id, count
+
+
+def _jobs_of(session: Session, batch_id: str, *condition: Any) -> Iterator[Job]:
+    query = (
+        select(Job)
+        .where(Job.file_batch_id == batch_id, *condition)
+        .order_by(Job.line)
+        .execution_options(yield_per=500)
+    )
+    yield from session.scalars(query)
+
+
+def _write_output(session: Session, storage: Storage, batch: Batch) -> tuple[str | None, int]:
+    lines = (
+        output_line(job, _text_of(storage, job), batch.endpoint)
+        for job in _jobs_of(session, batch.id, Job.status == JobStatus.succeeded)
+    )
+    return _write_file(session, storage, batch, "output", lines)
+
+
+def _write_errors(session: Session, storage: Storage, batch: Batch) -> tuple[str | None, int]:
+    refused = (
+        (
+            e.line,
+            error_line(
+                line_job_id(batch.id, e.line), e.custom_id, e.line, e.code, e.message, e.param
+            ),
+        )
+        for e in session.scalars(
+            select(LineError).where(LineError.batch_id == batch.id).order_by(LineError.line)
+        )
+    )
+    ended = (
+        (
+            job.line or 0,
+            error_line(
+                job.id,
+                job.custom_id,
+                job.line or 0,
+                job.error_code or "failed",
+                job.error_message or "the request failed",
+            ),
+        )
+        for job in _jobs_of(session, batch.id, Job.status != JobStatus.succeeded)
+    )
+    merged = (line for _, line in heapq.merge(refused, ended, key=lambda pair: pair[0]))
+    return _write_file(session, storage, batch, "errors", merged)
+
+
+# --- maintenance -------------------------------------------------------------------------
+
+
+def advance(scope: SessionScope, storage: Storage, queue: JobQueue, settings: Settings) -> None:
+    """Expire batches past their window, take up validation a process abandoned, and
+    finalize batches whose lines have all ended."""
+    now = utcnow()
+    with scope() as session:
+        expire_due(session)
+        abandoned = list(
+            session.scalars(
+                select(Batch.id).where(
+                    Batch.status == BatchStatus.validating,
+                    Batch.created_at < now - VALIDATION_GRACE,
+                    or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now),
+                )
+            )
+        )
+        unfinished = exists().where(and_(Job.file_batch_id == Batch.id, Job.status.in_(UNFINISHED)))
+        ready = list(
+            session.scalars(
+                select(Batch.id).where(
+                    or_(
+                        and_(Batch.status == BatchStatus.in_progress, ~unfinished),
+                        Batch.status.in_([BatchStatus.finalizing, BatchStatus.cancelling]),
+                    ),
+                    or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now),
+                )
+            )
+        )
+    for batch_id in abandoned:
+        validate_batch(scope, storage, queue, settings, batch_id)
+    for batch_id in ready:
+        finalize(scope, storage, batch_id)
+
+
+def finalize_if_done(scope: SessionScope, storage: Storage, batch_ids: Iterable[str]) -> None:
+    for batch_id in set(batch_ids):
+        finalize(scope, storage, batch_id)
+
+
+def get_batch(session: Session, owner: str, batch_id: str) -> Batch:
+    batch = session.scalar(select(Batch).where(Batch.id == batch_id, Batch.owner == owner))
+    if batch is None:
+        raise NotFound(f"no batch {batch_id}", param="batch_id")
+    return batch
+
+
+def list_batches(
+    session: Session, owner: str, after: str | None, limit: int
+) -> tuple[list[Batch], bool]:
+    """Newest first; `after` is the id of the last batch of the page before."""
+    query = select(Batch).where(Batch.owner == owner)
+    if after is not None:
+        anchor = session.scalar(select(Batch).where(Batch.id == after, Batch.owner == owner))
+        if anchor is None:
+            raise InvalidParameter("after", after, "no batch of yours has this id")
+        query = query.where(
+            or_(
+                Batch.created_at < anchor.created_at,
+                and_(Batch.created_at == anchor.created_at, Batch.id < anchor.id),
+            )
+        )
+    rows = list(
+        session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1))
+    )
+    return rows[:limit], len(rows) > limit
+
+
+def retry_failed(
+    session: Session, storage: Storage, owner: str, batch: Batch, settings: Settings
+) -> Batch:
+    """A new batch of the lines of `batch` that did not succeed, from a new input file."""
+    if not batch.status.finished:
+        raise Conflict(f"batch {batch.id} has not ended ({batch.status.value})", param="id")
+    source = session.get(FileObject, batch.input_file_id)
+    if source is None:
+        raise Conflict(f"the input file of batch {batch.id} was deleted", param="id")
+    succeeded = set(
+        session.scalars(
+            select(Job.line).where(Job.file_batch_id == batch.id, Job.status == JobStatus.succeeded)
+        )
+    )
+    with tempfile.TemporaryFile() as out, storage.open(source.storage_key) as stream:
+        kept = 0
+        for number, raw in enumerate(files.read_lines(stream, 1 << 62), start=1):
+            if raw is None or not raw.strip() or number in succeeded:
+                continue
+            out.write(raw + b"\n")
+            kept += 1
+        if not kept:
+            raise Conflict(f"batch {batch.id} has no failed lines", param="id")
+        file = files.create_file(
+            session,
+            storage,
+            owner,
+            f"{batch.id}_retry.jsonl",
+            files.INPUT_PURPOSE,
+            out,  # type: ignore[arg-type]
+            max_bytes=1 << 62,
+            max_lines=1 << 62,
+        )
+    body = BatchCreate(
+        input_file_id=file.id,
+        endpoint=batch.endpoint,  # type: ignore[arg-type]
+        metadata=batch.metadata_,
+        callback_url=batch.callback_url,
+        max_cost=batch.max_cost,
+    )
+    retry, _ = create_batch(session, owner, body, settings)
+    retry.retry_of = batch.id
+    session.commit()
+    return retry
