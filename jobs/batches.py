@@ -494,6 +494,38 @@ def cancel_batch(session: Session, batch: Batch) -> Batch:
     return batch
 
 
+def enforce_max_cost(session: Session, batch_ids: Iterable[str]) -> list[str]:
+    """Stop batches whose spent cost has passed their `max_cost`: they end `cancelled`, with
+    what finished. Checked after each static batch, so one static batch may overshoot."""
+    stopped = []
+    capped = session.scalars(
+        select(Batch).where(
+            Batch.id.in_(list(batch_ids)),
+            Batch.max_cost.is_not(None),
+            Batch.status == BatchStatus.in_progress,
+        )
+    ).all()
+    for batch in capped:
+        spent = Decimal(str(usage(session, batch.id)["estimated_cost"]))
+        if batch.max_cost is None or spent <= batch.max_cost:
+            continue
+        message = f"spent ${spent} of max_cost ${batch.max_cost}"
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch.id, Batch.status == BatchStatus.in_progress)
+            .values(
+                status=BatchStatus.cancelling,
+                cancelling_at=utcnow(),
+                lease_expires_at=None,
+                errors=[{"code": "max_cost_reached", "message": message}],
+            )
+        )
+        _stop_jobs(session, batch.id, "max_cost_reached", message)
+        stopped.append(batch.id)
+    session.commit()
+    return stopped
+
+
 def expire_due(session: Session) -> list[str]:
     """Batches past their completion window stop; their files hold what finished."""
     due = list(

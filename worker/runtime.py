@@ -182,9 +182,11 @@ class WorkerRuntime:
 
     def _finalize_file_batches(self, claims: list[Claim]) -> None:
         """A file batch whose last lines just ran gets its output files now, not at the next
-        maintenance pass."""
+        maintenance pass; one that has spent its max_cost stops."""
         batch_ids = {c.job.file_batch_id for c in claims if c.job.file_batch_id is not None}
         try:
+            with self.session_scope() as session:
+                batches.enforce_max_cost(session, batch_ids)
             batches.finalize_if_done(self.session_scope, self.storage, batch_ids)
         except Exception:  # maintenance finalizes it later
             log.exception("could not finalize batches %s", sorted(batch_ids))

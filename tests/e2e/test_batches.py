@@ -258,3 +258,24 @@ def test_the_same_idempotency_key_gives_the_same_batch_and_retry_runs_the_failed
     again = wait_until_ended(client, retry["id"])
     assert again.request_counts.total == 2  # type: ignore[union-attr]
     assert [e["custom_id"] for e in lines_of(client, again.error_file_id)] == ["bad", None]
+
+
+def test_a_batch_stops_once_it_has_spent_its_max_cost(
+    client: OpenAI, stack: Stack, key: str, settings: Settings
+) -> None:
+    uploaded = client.files.create(
+        file=("costly.jsonl", jsonl(slow_lines(32, 40))), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint=CHAT,
+        completion_window="24h",
+        extra_body={"max_cost": 0.0000001},
+    )
+    done = wait_until_ended(client, batch.id)
+    assert done.status == "cancelled" and done.errors is not None
+    assert done.errors.data[0].code == "max_cost_reached"
+    time.sleep(2)
+    assert_partial_output_and_nothing_after(client, settings, done, done.cancelling_at or 0)
+    errors = lines_of(client, done.error_file_id)
+    assert {line["error"]["code"] for line in errors} == {"max_cost_reached"}
