@@ -7,10 +7,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from jobs import service
+from jobs.batches import InvalidLine, LineChecker, ValidLine, owner_adapters
 from jobs.db import session_scope
 from jobs.errors import InvalidParameter
 from jobs.registry import resolve_model
-from jobs.schemas.openai import BatchLine
+from jobs.schemas.openai import CHAT_ENDPOINT, BatchLine
 from jobs.settings import Settings
 from tests.adapters import (
     edited_config,
@@ -240,4 +241,13 @@ def test_an_openai_request_names_its_adapter_too(
         assert service.adapter_id_for(session, "alice", prepared) == lora["id"]
         with pytest.raises(InvalidParameter) as refused:
             service.adapter_id_for(session, "bob", prepared)
+        # A batch file's line is checked the same way, for the batch's owner.
+        raw = line.model_dump_json().encode()
+        for owner, expected in (("alice", lora["id"]), ("bob", None)):
+            checker = LineChecker(CHAT_ENDPOINT, api_settings, owner_adapters(session, owner))
+            checked = checker.check(1, raw)
+            if expected is None:
+                assert isinstance(checked, InvalidLine) and checked.param == "body.lora"
+            else:
+                assert isinstance(checked, ValidLine) and checked.lora_id == expected
     assert refused.value.param == "lora"
