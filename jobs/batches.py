@@ -14,12 +14,12 @@ import secrets
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -33,6 +33,7 @@ from jobs.pricing import price
 from jobs.queue import JobQueue
 from jobs.registry import ModelSpec, resolve_model
 from jobs.schemas.batches import BatchCreate, BatchEstimate, RequestCounts
+from jobs.schemas.jobs import response_text
 from jobs.schemas.openai import BatchLine
 from jobs.service import PreparedJob, prepare_openai
 from jobs.settings import Settings
@@ -269,16 +270,16 @@ def _line_error_dict(line: InvalidLine) -> dict[str, Any]:
 # --- validating: lines become jobs -------------------------------------------------------
 
 
+def _lease_free(now: datetime) -> ColumnElement[bool]:
+    return or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now)
+
+
 def _take_step(session: Session, batch_id: str, statuses: Iterable[BatchStatus]) -> Batch | None:
     """Take the batch's step lease if it is in one of `statuses` and nobody holds it."""
     now = utcnow()
     taken = session.execute(
         update(Batch)
-        .where(
-            Batch.id == batch_id,
-            Batch.status.in_(list(statuses)),
-            or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now),
-        )
+        .where(Batch.id == batch_id, Batch.status.in_(list(statuses)), _lease_free(now))
         .values(lease_expires_at=now + STEP_LEASE)
     )
     session.commit()
@@ -614,14 +615,6 @@ def finalize(scope: SessionScope, storage: Storage, batch_id: str) -> bool:
     return True
 
 
-def _text_of(storage: Storage, job: Job) -> str:
-    if job.response_text is not None:
-        return job.response_text
-    if job.response_uri is not None:
-        return storage.get_bytes(job.response_uri).decode()
-    return ""
-
-
 def _write_file(
     session: Session,
     storage: Storage,
@@ -638,7 +631,9 @@ def _write_file(
             return None, 0
         out.seek(0)
         file_id = _file_id(batch.id, kind)
-        files.save_output(session, storage, batch.owner, file_id, f"{batch.id}_{kind}.jsonl", out)
+        files.save_output(
+            session, storage, batch.owner, file_id, f"{batch.id}_{kind}.jsonl", out, count
+        )
         session.commit()
     return file_id, count
 
@@ -655,7 +650,7 @@ def _jobs_of(session: Session, batch_id: str, *condition: Any) -> Iterator[Job]:
 
 def _write_output(session: Session, storage: Storage, batch: Batch) -> tuple[str | None, int]:
     lines = (
-        output_line(job, _text_of(storage, job), batch.endpoint)
+        output_line(job, response_text(job, storage) or "", batch.endpoint)
         for job in _jobs_of(session, batch.id, Job.status == JobStatus.succeeded)
     )
     return _write_file(session, storage, batch, "output", lines)
@@ -704,7 +699,7 @@ def advance(scope: SessionScope, storage: Storage, queue: JobQueue, settings: Se
                 select(Batch.id).where(
                     Batch.status == BatchStatus.validating,
                     Batch.created_at < now - VALIDATION_GRACE,
-                    or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now),
+                    _lease_free(now),
                 )
             )
         )
@@ -716,7 +711,7 @@ def advance(scope: SessionScope, storage: Storage, queue: JobQueue, settings: Se
                         and_(Batch.status == BatchStatus.in_progress, ~unfinished),
                         Batch.status.in_([BatchStatus.finalizing, BatchStatus.cancelling]),
                     ),
-                    or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now),
+                    _lease_free(now),
                 )
             )
         )

@@ -103,10 +103,18 @@ def create_file(
 
 
 def save_output(
-    session: Session, storage: Storage, owner: str, file_id: str, filename: str, stream: BinaryIO
+    session: Session,
+    storage: Storage,
+    owner: str,
+    file_id: str,
+    filename: str,
+    stream: BinaryIO,
+    lines: int,
 ) -> FileObject:
-    """Keep a file a batch wrote; its id is fixed by the batch, so writing it again replaces it."""
-    size, lines = count_lines(stream)
+    """Keep a file a batch wrote (`lines` lines, counted as it was written; the stream at its
+    start); its id is fixed by the batch, so writing it again replaces it."""
+    size = stream.seek(0, 2)
+    stream.seek(0)
     storage.put_stream(storage_key(file_id), stream)
     session.execute(delete(FileObject).where(FileObject.id == file_id))
     file = FileObject(

@@ -9,8 +9,10 @@ from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, Settings
 from jobs import batches
 from jobs.db import session_scope
 from jobs.models import Batch
+from jobs.queue import JobQueue
 from jobs.schemas.batches import BatchCreate, BatchEstimate, BatchList, BatchPublic
 from jobs.settings import Settings
+from jobs.storage import Storage
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -23,6 +25,14 @@ def batch_public(session: Session, batch: Batch) -> BatchPublic:
 
 def _scope(settings: Settings) -> batches.SessionScope:
     return lambda: session_scope(settings.database_url)
+
+
+def _validate_after_response(
+    background: BackgroundTasks, settings: Settings, storage: Storage, queue: JobQueue, batch: Batch
+) -> None:
+    background.add_task(
+        batches.validate_batch, _scope(settings), storage, queue, settings, batch.id
+    )
 
 
 @router.post("", response_model=BatchPublic | BatchEstimate)
@@ -44,9 +54,7 @@ def create_batch(
             return batches.estimate(session, stream, owner, file.id, body.endpoint, settings)
     batch, created = batches.create_batch(session, owner, body, settings, idempotency_key)
     if created:
-        background.add_task(
-            batches.validate_batch, _scope(settings), storage, queue, settings, batch.id
-        )
+        _validate_after_response(background, settings, storage, queue, batch)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return batch_public(session, batch)
@@ -103,7 +111,5 @@ def retry_batch(
     """A new batch of the lines of an ended batch that did not succeed."""
     source = batches.get_batch(session, owner, batch_id)
     retry = batches.retry_failed(session, storage, owner, source, settings)
-    background.add_task(
-        batches.validate_batch, _scope(settings), storage, queue, settings, retry.id
-    )
+    _validate_after_response(background, settings, storage, queue, retry)
     return batch_public(session, retry)
