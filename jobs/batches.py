@@ -142,13 +142,21 @@ class LineChecker:
 
 
 def owner_adapters(session: Session, owner: str) -> AdapterLookup:
-    """Adapter lookups for one owner, each (model, name) asked of the database once."""
-    known: dict[tuple[str, str], str] = {}
+    """Adapter lookups for one owner, each (model, name) asked of the database once, whether
+    it is found or refused."""
+    known: dict[tuple[str, str], str | InvalidParameter] = {}
 
     def lookup(spec: ModelSpec, lora: str) -> str:
-        if (spec.name, lora) not in known:
-            known[(spec.name, lora)] = adapter_for_job(session, owner, spec, lora).id
-        return known[(spec.name, lora)]
+        key = (spec.name, lora)
+        if key not in known:
+            try:
+                known[key] = adapter_for_job(session, owner, spec, lora).id
+            except InvalidParameter as refused:  # a name refused once is refused on every line
+                known[key] = refused
+        found = known[key]
+        if isinstance(found, InvalidParameter):
+            raise found.with_traceback(None)  # raised again: its old traceback would pile up
+        return found
 
     return lookup
 
@@ -445,8 +453,8 @@ def request_counts(session: Session, batch: Batch) -> RequestCounts:
     )
 
 
-def usage(session: Session, batch_id: str) -> dict[str, Any]:
-    """Tokens and cost of the batch's lines that have finished."""
+def _spent(session: Session, batch_id: str) -> tuple[int, int, Decimal]:
+    """Prompt tokens, completion tokens and exact cost of the batch's succeeded lines."""
     prompt, completion, cost_in, cost_out = session.execute(
         select(
             func.coalesce(func.sum(Job.prompt_tokens), 0),
@@ -455,12 +463,17 @@ def usage(session: Session, batch_id: str) -> dict[str, Any]:
             func.coalesce(func.sum(Job.cost_output), 0),
         ).where(Job.file_batch_id == batch_id, Job.status == JobStatus.succeeded)
     ).one()
-    prompt, completion = int(prompt or 0), int(completion or 0)
+    return int(prompt or 0), int(completion or 0), Decimal(cost_in or 0) + Decimal(cost_out or 0)
+
+
+def usage(session: Session, batch_id: str) -> dict[str, Any]:
+    """Tokens and cost of the batch's lines that have finished."""
+    prompt, completion, cost = _spent(session, batch_id)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "estimated_cost": float(Decimal(cost_in or 0) + Decimal(cost_out or 0)),
+        "estimated_cost": float(cost),
     }
 
 
@@ -507,7 +520,7 @@ def enforce_max_cost(session: Session, batch_ids: Iterable[str]) -> list[str]:
         )
     ).all()
     for batch in capped:
-        spent = Decimal(str(usage(session, batch.id)["estimated_cost"]))
+        *_, spent = _spent(session, batch.id)
         if batch.max_cost is None or spent <= batch.max_cost:
             continue
         message = f"spent ${spent} of max_cost ${batch.max_cost}"
