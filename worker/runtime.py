@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.exc import OperationalError
@@ -236,7 +235,7 @@ class WorkerRuntime:
                 "lora_not_found", f"adapter {adapter_id} was deleted after the job was submitted"
             )
 
-        def fetch(folder: Path) -> None:
+        def fetch() -> bytes:
             try:
                 data = self.storage.get_bytes(f"{adapter.storage_prefix}/{WEIGHTS_FIELD}")
             except KeyError:
@@ -248,7 +247,7 @@ class WorkerRuntime:
                     "lora_load_failed",
                     f"the stored weights of adapter {adapter_id} do not match their sha256",
                 )
-            (folder / WEIGHTS_FIELD).write_bytes(data)
+            return data
 
         # Served with what upload checked, from the row, not with the stored config file.
         config = serving_config(adapter.rank, adapter.alpha, adapter.target_modules)

@@ -1,7 +1,6 @@
 """Mixed-adapter batches and the adapter cache, on the tiny model with real PEFT adapters."""
 
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,12 +54,8 @@ def config_of(name: str) -> LoraConfig:
     return serving_config(rank, 2 * rank, spec["targets"])  # type: ignore[arg-type]
 
 
-def copy_from(folder: Path) -> Callable[[Path], None]:
-    def fetch(target: Path) -> None:
-        for item in folder.iterdir():
-            shutil.copy(item, target / item.name)
-
-    return fetch
+def copy_from(folder: Path) -> Callable[[], bytes]:
+    return lambda: (folder / "adapter_model.safetensors").read_bytes()
 
 
 def prompt_ids(loaded: LoadedModel, text: str) -> list[int]:

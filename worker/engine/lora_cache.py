@@ -7,25 +7,22 @@ one static batch serves several adapters and the base model together.
 """
 
 import logging
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from worker.engine.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
 BASE = "__base__"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
-Fetch = Callable[[Path], None]
+Fetch = Callable[[], bytes]
 
 
 class AdapterLoadError(Exception):
@@ -53,18 +50,17 @@ class LoraCache:
         self, adapter_id: str, config: LoraConfig, fetch: Fetch, keep: Collection[str] = ()
     ) -> None:
         """Make an adapter usable, loading it on a miss. `config` is built from the checked
-        upload, never taken from the stored file; `fetch` writes the adapter's
-        `adapter_model.safetensors` into the folder it is given. Adapters in `keep` (the
-        rest of the batch's) are never evicted to make room."""
+        upload, never taken from the stored file; `fetch` returns the bytes of its
+        `adapter_model.safetensors`. Adapters in `keep` (the rest of the batch's) are never
+        evicted to make room."""
         if adapter_id in self._resident:
             self._resident.move_to_end(adapter_id)
             return
-        with tempfile.TemporaryDirectory(prefix="mbatch-lora-") as folder:
-            fetch(Path(folder))
-            try:
-                weights = load_file(Path(folder) / WEIGHTS_FILE, device=str(self.loaded.device))
-            except Exception as exc:
-                raise AdapterLoadError(f"the weights could not be read: {exc}") from exc
+        data = fetch()
+        try:
+            weights = {name: tensor.to(self.loaded.device) for name, tensor in load(data).items()}
+        except Exception as exc:
+            raise AdapterLoadError(f"the weights could not be read: {exc}") from exc
         try:
             self._load(adapter_id, config, weights)
         except Exception as exc:
