@@ -21,11 +21,11 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from jobs import files
 from jobs.batch_lines import error_line, output_line
+from jobs.db import add_once
 from jobs.errors import Conflict, InvalidParameter, MbatchError, NotFound, describe, main_error
 from jobs.loras import adapter_for_job
 from jobs.models import Batch, BatchStatus, FileObject, Job, JobStatus, LineError
@@ -217,16 +217,7 @@ def create_batch(
         created_at=now,
         expires_at=now + timedelta(seconds=window),
     )
-    session.add(batch)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        found = _by_key(session, owner, key) if key else None
-        if found is None:
-            raise
-        return found, False
-    return batch, True
+    return add_once(session, batch, lambda: _by_key(session, owner, key) if key else None)
 
 
 def _by_key(session: Session, owner: str, key: str) -> Batch | None:

@@ -1,15 +1,35 @@
 """Engine and session factory; one of each per process."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 
 class Base(DeclarativeBase):
     pass
+
+
+Row = TypeVar("Row", bound=Base)
+
+
+def add_once(session: Session, row: Row, existing: Callable[[], Row | None]) -> tuple[Row, bool]:
+    """Commit a new row, unless a request with the same idempotency key committed its row
+    first (a unique constraint refuses this one): then that row, and False."""
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        found = existing()
+        if found is None:
+            raise
+        return found, False
+    return row, True
 
 
 @lru_cache

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from jobs import queries
+from jobs.db import add_once
 from jobs.errors import InvalidParameter
 from jobs.loras import adapter_for_job
 from jobs.models import Job, JobStatus
@@ -149,19 +149,12 @@ def submit_job(
         attempts=0,
         created_at=utcnow(),
     )
-    session.add(job)
-    try:
-        session.commit()
-    except IntegrityError:
-        # The same idempotency key raced in from another request: that one wins.
-        session.rollback()
-        existing = queries.find_by_idempotency_key(session, owner, key) if key else None
-        if existing is None:
-            raise
-        return existing, False
-    if not scheduled:
+    job, created = add_once(
+        session, job, lambda: queries.find_by_idempotency_key(session, owner, key) if key else None
+    )
+    if created and not scheduled:
         publish(session, queue, [job])
-    return job, True
+    return job, created
 
 
 def publish(session: Session, queue: JobQueue, jobs: list[Job]) -> None:
