@@ -1,6 +1,8 @@
-"""ASGI middleware: the body size limit, and JSON bodies sent without a JSON content type."""
+"""ASGI middleware: the body size limit, JSON bodies sent without a JSON content type, and
+text in the URL or headers that nothing could store."""
 
 import json
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -9,16 +11,22 @@ class BodyTooLarge(Exception):
     pass
 
 
-def _too_large_body(limit: int) -> bytes:
-    return json.dumps(
+async def send_error(
+    send: Send, status: int, code: str, message: str, param: str | None = None
+) -> None:
+    """An error answered from middleware, in the API's one error shape."""
+    body = json.dumps({"error": {"code": code, "message": message, "param": param}}).encode()
+    await send(
         {
-            "error": {
-                "code": "payload_too_large",
-                "message": f"the request body is over the {limit}-byte limit",
-                "param": None,
-            }
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
-    ).encode()
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodySizeLimit:
@@ -57,18 +65,8 @@ class BodySizeLimit:
             await self._refuse(send, max_bytes)
 
     async def _refuse(self, send: Send, max_bytes: int) -> None:
-        body = _too_large_body(max_bytes)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"the request body is over the {max_bytes}-byte limit"
+        await send_error(send, 413, "payload_too_large", message)
 
 
 class DefaultJsonContentType:
@@ -87,4 +85,34 @@ class DefaultJsonContentType:
             content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
             if content_type in (b"", b"application/x-www-form-urlencoded"):
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def _nul_in(scope: Scope) -> str | None:
+    """The first part of the request (`path`, a query parameter, a header) that holds NUL."""
+    if "\x00" in scope.get("path", ""):
+        return "path"
+    query = scope.get("query_string", b"").decode("latin-1")
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if "\x00" in key or "\x00" in value:
+            return key.replace("\x00", "") or "query"
+    for name, value in scope.get("headers") or []:
+        if b"\x00" in value:
+            return name.decode("latin-1")
+    return None
+
+
+class RefuseNul:
+    """One rule for every route: a NUL in the path, the query or a header is the caller's
+    mistake (422 naming where it is), never text that reaches a query or a row. Postgres
+    cannot store NUL; JSON bodies are held to the same rule by their schemas."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (param := _nul_in(scope)) is not None:
+            message = f"{param}: must not contain the NUL character"
+            await send_error(send, 422, "invalid_parameter", message, param)
+            return
         await self.app(scope, receive, send)

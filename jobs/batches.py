@@ -13,6 +13,7 @@ import logging
 import secrets
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -32,6 +33,7 @@ from jobs.models import Batch, BatchStatus, FileObject, Job, JobStatus, LineErro
 from jobs.pricing import price
 from jobs.queue import JobQueue
 from jobs.registry import ModelSpec, resolve_model
+from jobs.schemas.base import storable_text
 from jobs.schemas.batches import BatchCreate, BatchEstimate, RequestCounts
 from jobs.schemas.jobs import response_text
 from jobs.schemas.openai import BatchLine
@@ -71,6 +73,18 @@ class ValidLine:
     lora_id: str | None
 
 
+MAX_CUSTOM_ID_CHARS = 512
+MAX_PARAM_CHARS = 256
+MAX_MESSAGE_CHARS = 1000
+
+
+def _clip(text: str, limit: int) -> str:
+    """Text a line error can always be stored with, whatever the line held: NUL and lone
+    surrogates escaped, and no longer than its column."""
+    text = text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class InvalidLine:
     line: int
@@ -79,12 +93,30 @@ class InvalidLine:
     message: str
     param: str | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", _clip(self.message, MAX_MESSAGE_CHARS))
+        if self.param is not None:
+            object.__setattr__(self, "param", _clip(self.param, MAX_PARAM_CHARS))
+
 
 AdapterLookup = Callable[[ModelSpec, str], str]
 
 
+def _custom_id_problem(custom_id: Any) -> str | None:
+    if not isinstance(custom_id, str) or not custom_id:
+        return "custom_id is required, as a non-empty string"
+    if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        return f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters"
+    try:
+        storable_text(custom_id)
+    except ValueError as exc:
+        return f"custom_id {exc}"
+    return None
+
+
 class LineChecker:
-    """Checks lines one at a time, remembering the custom_ids seen so far."""
+    """Checks lines one at a time, remembering the custom_ids seen so far. Whatever a line
+    holds, it becomes a valid line or an invalid one with its number: never an exception."""
 
     def __init__(self, endpoint: str, settings: Settings, adapter_id: AdapterLookup | None) -> None:
         self.endpoint = endpoint
@@ -93,22 +125,34 @@ class LineChecker:
         self.seen: set[str] = set()
 
     def check(self, number: int, raw: bytes | None) -> ValidLine | InvalidLine:
+        try:
+            return self._check(number, raw)
+        except Exception as exc:  # a line we did not foresee fails alone, not its batch
+            log.warning("line %d could not be checked", number, exc_info=True)
+            return InvalidLine(
+                number, None, "invalid_request", f"line {number}: could not be read ({exc!r})"
+            )
+
+    def _check(self, number: int, raw: bytes | None) -> ValidLine | InvalidLine:
+        custom_id: str | None = None
+
         def invalid(code: str, message: str, param: str | None = None) -> InvalidLine:
             return InvalidLine(number, custom_id, code, f"line {number}: {message}", param)
 
-        custom_id: str | None = None
         if raw is None:
             return invalid("line_too_long", "longer than the largest request accepted")
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except RecursionError:
+            return invalid("invalid_json", "not JSON we read (nested too deeply)")
+        except ValueError as exc:  # not UTF-8, not JSON, an integer of thousands of digits
             return invalid("invalid_json", f"not JSON ({exc})")
         if not isinstance(data, dict):
             return invalid("invalid_request", "a line is a JSON object")
-        if isinstance(data.get("custom_id"), str):
-            custom_id = data["custom_id"]
-        if not custom_id:
-            return invalid("missing_custom_id", "custom_id is required", "custom_id")
+        if (problem := _custom_id_problem(data.get("custom_id"))) is not None:
+            code = "missing_custom_id" if not data.get("custom_id") else "invalid_parameter"
+            return invalid(code, problem, "custom_id")
+        custom_id = data["custom_id"]
         if custom_id in self.seen:
             return invalid(
                 "duplicate_custom_id", f"custom_id {custom_id!r} is used twice", "custom_id"
@@ -273,18 +317,70 @@ def _lease_free(now: datetime) -> ColumnElement[bool]:
     return or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now)
 
 
-def _take_step(session: Session, batch_id: str, statuses: Iterable[BatchStatus]) -> Batch | None:
-    """Take the batch's step lease if it is in one of `statuses` and nobody holds it."""
+def _take_step(
+    session: Session, settings: Settings, batch_id: str, statuses: Iterable[BatchStatus]
+) -> Batch | None:
+    """Take the batch's step lease if it is in one of `statuses` and nobody holds it. A step
+    taken as often as it may be without ever ending (its process died each time) ends the
+    batch instead."""
     now = utcnow()
     taken = session.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.status.in_(list(statuses)), _lease_free(now))
-        .values(lease_expires_at=now + STEP_LEASE)
+        .values(lease_expires_at=now + STEP_LEASE, step_attempts=Batch.step_attempts + 1)
     )
     session.commit()
     if taken.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    return session.get(Batch, batch_id)
+    batch = session.scalars(
+        select(Batch).where(Batch.id == batch_id).execution_options(populate_existing=True)
+    ).one()
+    if batch.step_attempts > settings.batch_step_attempts:
+        _give_up(session, batch)
+        session.commit()
+        return None
+    return batch
+
+
+@contextmanager
+def _step_guard(
+    scope: SessionScope, settings: Settings, batch_id: str, step: str
+) -> Iterator[None]:
+    """A step that raises is logged and tried again later, after a pause that grows with
+    each failure, and never breaks whoever called it: one batch's failure does not stop
+    another batch's step in the same pass. Past its tries, the batch ends `failed`."""
+    try:
+        yield
+    except Exception as exc:
+        log.exception("batch %s: %s failed", batch_id, step)
+        try:
+            with scope() as session:
+                _step_failed(session, settings, batch_id, f"{step} failed: {exc!r}")
+        except Exception:  # the database is away too: the lease lapses and it runs again
+            log.exception("batch %s: could not record that %s failed", batch_id, step)
+
+
+def _step_failed(session: Session, settings: Settings, batch_id: str, reason: str) -> None:
+    batch = session.scalar(select(Batch).where(Batch.id == batch_id).with_for_update())
+    if batch is None or batch.status.finished:
+        return
+    batch.step_error = _clip(reason, MAX_MESSAGE_CHARS)
+    if batch.step_attempts >= settings.batch_step_attempts:
+        _give_up(session, batch)
+    else:
+        pause = settings.batch_step_retry_seconds * 4 ** max(batch.step_attempts - 1, 0)
+        batch.lease_expires_at = utcnow() + timedelta(seconds=pause)
+    session.commit()
+
+
+def _give_up(session: Session, batch: Batch) -> None:
+    """The batch ends `failed`, saying why; its lines that have not ended are cancelled."""
+    why = batch.step_error or "the process working on it stopped each time"
+    message = f"the batch could not be processed in {batch.step_attempts} tries: {why}"
+    batch.status, batch.failed_at, batch.lease_expires_at = BatchStatus.failed, utcnow(), None
+    batch.errors = [{"code": "batch_processing_failed", "message": message}]
+    _stop_jobs(session, batch.id, "batch_failed", message)
+    log.error("batch %s failed: %s", batch.id, message)
 
 
 def _job_row(batch: Batch, line: ValidLine) -> dict[str, Any]:
@@ -323,8 +419,15 @@ def validate_batch(
     """The batch's `validating` step: each line checked, good lines enqueued as jobs in
     chunks, bad lines recorded with their line number and why. Ends `in_progress`, or
     `failed` when no line was good."""
+    with _step_guard(scope, settings, batch_id, "validation"):
+        _validate(scope, storage, queue, settings, batch_id)
+
+
+def _validate(
+    scope: SessionScope, storage: Storage, queue: JobQueue, settings: Settings, batch_id: str
+) -> None:
     with scope() as session:
-        batch = _take_step(session, batch_id, [BatchStatus.validating])
+        batch = _take_step(session, settings, batch_id, [BatchStatus.validating])
         if batch is None:
             return
         session.expunge(batch)
@@ -349,7 +452,13 @@ def validate_batch(
             return
     with scope() as session:
         now = utcnow()
-        values: dict[str, Any] = {"total": total, "invalid": invalid, "lease_expires_at": None}
+        values: dict[str, Any] = {
+            "total": total,
+            "invalid": invalid,
+            "lease_expires_at": None,
+            "step_attempts": 0,
+            "step_error": None,
+        }
         if total == invalid:
             values.update(status=BatchStatus.finalizing, finalizing_at=now)
         else:
@@ -361,8 +470,9 @@ def validate_batch(
         )
         session.commit()
     log.info("batch %s validated: %d lines, %d refused", batch.id, total, invalid)
-    if total == invalid:
-        finalize(scope, storage, batch.id)
+    # Lines may have run while the rest were checked: the last of them found the batch
+    # still validating, so whether it has ended is asked now.
+    finalize(scope, storage, settings, batch.id)
 
 
 def _enqueue(
@@ -560,29 +670,49 @@ def expire_due(session: Session) -> list[str]:
 # --- finalizing: output and error files --------------------------------------------------
 
 
-def finalize(scope: SessionScope, storage: Storage, batch_id: str) -> bool:
+def finalize(scope: SessionScope, storage: Storage, settings: Settings, batch_id: str) -> bool:
     """Write the output and error files of a batch whose lines have all ended, and give it
     its final status. False where there is nothing to do yet."""
-    with scope() as session:
-        batch = _take_step(
-            session,
-            batch_id,
-            [BatchStatus.in_progress, BatchStatus.finalizing, BatchStatus.cancelling],
-        )
-        if batch is None:
-            return False
-        unfinished = session.scalar(
+    done = False
+    with _step_guard(scope, settings, batch_id, "finalizing"):
+        done = _finalize(scope, storage, settings, batch_id)
+    return done
+
+
+def _unfinished_lines(session: Session, batch_id: str) -> int:
+    return (
+        session.scalar(
             select(func.count())
             .select_from(Job)
             .where(Job.file_batch_id == batch_id, Job.status.in_(UNFINISHED))
         )
-        if batch.status == BatchStatus.in_progress:
-            if unfinished:
-                batch.lease_expires_at = None
-                session.commit()
-                return False
-            batch.status, batch.finalizing_at = BatchStatus.finalizing, utcnow()
-            session.commit()
+        or 0
+    )
+
+
+def _begin_finalizing(session: Session, batch_id: str) -> None:
+    """An in-progress batch whose lines have all ended moves on to `finalizing`. Looked at
+    under the batch row's lock: of two workers that record its last two lines at once, the
+    second looks after the first has, sees both lines ended, and the batch moves on at once
+    rather than at the next maintenance pass."""
+    batch = session.scalar(
+        select(Batch)
+        .where(Batch.id == batch_id, Batch.status == BatchStatus.in_progress)
+        .with_for_update()
+    )
+    if batch is not None and not _unfinished_lines(session, batch_id):
+        batch.status, batch.finalizing_at = BatchStatus.finalizing, utcnow()
+    session.commit()
+
+
+def _finalize(scope: SessionScope, storage: Storage, settings: Settings, batch_id: str) -> bool:
+    with scope() as session:
+        _begin_finalizing(session, batch_id)
+        batch = _take_step(
+            session, settings, batch_id, [BatchStatus.finalizing, BatchStatus.cancelling]
+        )
+        if batch is None:
+            return False
         session.expunge(batch)
     if batch.status == BatchStatus.cancelling:
         final = BatchStatus.cancelled
@@ -607,8 +737,11 @@ def finalize(scope: SessionScope, storage: Storage, batch_id: str) -> bool:
         }
         if final == BatchStatus.failed:
             first = session.scalars(
-                select(LineError).where(LineError.batch_id == batch.id).order_by(LineError.line)
-            ).all()[:100]
+                select(LineError)
+                .where(LineError.batch_id == batch.id)
+                .order_by(LineError.line)
+                .limit(100)
+            ).all()
             values["errors"] = [
                 {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
                 for e in first
@@ -693,16 +826,21 @@ def _write_errors(session: Session, storage: Storage, batch: Batch) -> tuple[str
 
 
 def advance(scope: SessionScope, storage: Storage, queue: JobQueue, settings: Settings) -> None:
-    """Expire batches past their window, take up validation a process abandoned, and
-    finalize batches whose lines have all ended."""
+    """Expire batches past their window, take up validation that failed or that a process
+    abandoned, and finalize batches whose lines have all ended. Each batch's step is run on
+    its own: one that fails is tried again later and does not stop the others."""
     now = utcnow()
+    try:
+        with scope() as session:
+            expire_due(session)
+    except Exception:
+        log.exception("could not expire batches; the next pass tries again")
     with scope() as session:
-        expire_due(session)
         abandoned = list(
             session.scalars(
                 select(Batch.id).where(
                     Batch.status == BatchStatus.validating,
-                    Batch.created_at < now - VALIDATION_GRACE,
+                    or_(Batch.created_at < now - VALIDATION_GRACE, Batch.step_attempts > 0),
                     _lease_free(now),
                 )
             )
@@ -722,12 +860,14 @@ def advance(scope: SessionScope, storage: Storage, queue: JobQueue, settings: Se
     for batch_id in abandoned:
         validate_batch(scope, storage, queue, settings, batch_id)
     for batch_id in ready:
-        finalize(scope, storage, batch_id)
+        finalize(scope, storage, settings, batch_id)
 
 
-def finalize_if_done(scope: SessionScope, storage: Storage, batch_ids: Iterable[str]) -> None:
+def finalize_if_done(
+    scope: SessionScope, storage: Storage, settings: Settings, batch_ids: Iterable[str]
+) -> None:
     for batch_id in set(batch_ids):
-        finalize(scope, storage, batch_id)
+        finalize(scope, storage, settings, batch_id)
 
 
 def get_batch(session: Session, owner: str, batch_id: str) -> Batch:

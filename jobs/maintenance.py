@@ -3,13 +3,17 @@
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from sqlalchemy.orm import Session
 
-from jobs import queries
+from jobs import batches, queries
 from jobs.queue import JobQueue
 from jobs.service import publish
 from jobs.settings import Settings
+from jobs.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 def maintain(session: Session, queue: JobQueue, settings: Settings) -> int:
@@ -22,6 +26,24 @@ def maintain(session: Session, queue: JobQueue, settings: Settings) -> int:
     return len(jobs)
 
 
+def run_pass(
+    scope: Callable[[], AbstractContextManager[Session]],
+    storage: Storage,
+    queue: JobQueue,
+    settings: Settings,
+) -> None:
+    """One maintenance pass, as workers and `mbatch beat` run it: jobs first, then batches.
+    Each part runs whatever happened to the other, so a failure in one never stops both."""
+    try:
+        with scope() as session:
+            published = maintain(session, queue, settings)
+        if published:
+            log.info("published %d jobs", published)
+    except Exception:
+        log.exception("the jobs' maintenance pass failed; the batches' runs anyway")
+    batches.advance(scope, storage, queue, settings)
+
+
 def repeat(interval: float, action: Callable[[], None], name: str, stop: threading.Event) -> None:
     """Run `action` every `interval` seconds until `stop` is set; a failed pass is logged and
     the next one comes on time."""
@@ -29,5 +51,5 @@ def repeat(interval: float, action: Callable[[], None], name: str, stop: threadi
         try:
             action()
         except Exception:
-            logging.getLogger(__name__).exception("%s pass failed; trying again", name)
+            log.exception("%s pass failed; trying again", name)
         stop.wait(interval)

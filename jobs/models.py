@@ -209,6 +209,10 @@ class Batch(Base):
     # Who is validating or finalizing the batch, until when: a process that dies mid-step
     # lets the lease lapse, and maintenance takes the step up again.
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Times the current step was taken without ending, and why it last failed: a step that
+    # keeps failing ends the batch `failed` instead of being tried forever.
+    step_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    step_error: Mapped[str | None] = mapped_column(Text)
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -132,6 +132,21 @@ def renew_leases(session: Session, claims: list[Claim], lease_seconds: int) -> N
     session.commit()
 
 
+def lost_claims(session: Session, claims: list[Claim]) -> set[str]:
+    """The ids of the jobs among `claims` that no longer run under them: cancelled (a job or
+    its batch), or given to another worker after the lease lapsed."""
+    if not claims:
+        return set()
+    held = set(
+        session.execute(
+            select(Job.id, Job.claim_token).where(
+                Job.id.in_([claim.job.id for claim in claims]), Job.status == JobStatus.running
+            )
+        ).tuples()
+    )
+    return {claim.job.id for claim in claims if (claim.job.id, claim.token) not in held}
+
+
 @dataclass(frozen=True)
 class Outcome:
     completion_tokens: int

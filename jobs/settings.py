@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     batch_window_seconds: float | None = None
     # Lines validated and enqueued per transaction.
     batch_chunk_lines: int = 1000
+    # A batch's step (validating, finalizing) that fails is tried again after
+    # batch_step_retry_seconds, four times as long after each failure; after
+    # batch_step_attempts tries the batch ends `failed` with the reason.
+    batch_step_attempts: int = 5
+    batch_step_retry_seconds: float = 60.0
 
     # Worker: batching and the claim on a job.
     max_batch_size: int = 32

@@ -32,9 +32,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_beat(args: argparse.Namespace) -> int:
-    from jobs import batches
     from jobs.db import session_scope
-    from jobs.maintenance import maintain, repeat
+    from jobs.maintenance import repeat, run_pass
     from jobs.queue import CeleryJobQueue
     from jobs.settings import get_settings
     from jobs.storage import storage_from_settings
@@ -42,20 +41,15 @@ def _cmd_beat(args: argparse.Namespace) -> int:
     settings = get_settings()
     queue = CeleryJobQueue(settings)
     storage = storage_from_settings(settings)
-    log = logging.getLogger("mbatch.beat")
 
     def scope():  # type: ignore[no-untyped-def]
         return session_scope(settings.database_url)
 
-    def maintenance_pass() -> None:
-        with scope() as session:
-            published = maintain(session, queue, settings)
-        if published:
-            log.info("published %d jobs", published)
-        batches.advance(scope, storage, queue, settings)
-
     repeat(
-        settings.maintenance_interval_seconds, maintenance_pass, "maintenance", threading.Event()
+        settings.maintenance_interval_seconds,
+        lambda: run_pass(scope, storage, queue, settings),
+        "maintenance",
+        threading.Event(),
     )
     return 0
 

@@ -72,6 +72,9 @@ def stack_env(database_url: str, broker_url: str, s3_url: str, models_dir: Path)
         "MBATCH_LEASE_SECONDS": "4",
         "MBATCH_MAINTENANCE_INTERVAL_SECONDS": "1",
         "MBATCH_REQUEUE_AFTER_SECONDS": "30",
+        # A batch step that fails is tried again within a second, three times in all.
+        "MBATCH_BATCH_STEP_ATTEMPTS": "3",
+        "MBATCH_BATCH_STEP_RETRY_SECONDS": "0.5",
         # Long enough for jobs sent together from several clients to meet in one batch.
         "MBATCH_BATCH_WAIT_MS": "400",
         # Every non-empty result goes to object storage, so the tests see it there.

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from jobs import batches, queries
 from jobs.loras import WEIGHTS_FIELD
-from jobs.maintenance import maintain, repeat
+from jobs.maintenance import repeat, run_pass
 from jobs.models import Job, LoraAdapter
 from jobs.pricing import price
 from jobs.queries import Claim, Outcome
@@ -25,11 +25,14 @@ from jobs.settings import Settings
 from jobs.storage import Storage
 from jobs.tokenizer import encode_job_input
 from worker.engine.batching import plan_groups, select_batch
-from worker.engine.decode import Generation, generate
+from worker.engine.decode import CANCELLED, Generation, generate
 from worker.engine.loader import LoadedModel
 from worker.engine.lora_cache import AdapterLoadError, LoraCache, serving_config
 
 log = logging.getLogger(__name__)
+
+# How often a worker asks whether the jobs it is decoding were cancelled meanwhile.
+CLAIM_CHECK_SECONDS = 1.0
 
 SessionScope = Callable[[], AbstractContextManager[Session]]
 
@@ -90,6 +93,8 @@ class WorkerRuntime:
         self.worker_id = worker_id
         self.loras = LoraCache(loaded, settings.max_loras)
         self._running: list[Claim] = []
+        # Jobs of the running batch that were cancelled or taken from us: not decoded further.
+        self._lost: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -175,7 +180,7 @@ class WorkerRuntime:
             recorded = sum(self._run_group(group) for group in groups)
         finally:
             with self._lock:
-                self._running = []
+                self._running, self._lost = [], frozenset()
         self._finalize_file_batches(claims)
         return recorded
 
@@ -186,7 +191,7 @@ class WorkerRuntime:
         try:
             with self.session_scope() as session:
                 batches.enforce_max_cost(session, batch_ids)
-            batches.finalize_if_done(self.session_scope, self.storage, batch_ids)
+            batches.finalize_if_done(self.session_scope, self.storage, self.settings, batch_ids)
         except Exception:  # maintenance finalizes it later
             log.exception("could not finalize batches %s", sorted(batch_ids))
 
@@ -264,6 +269,7 @@ class WorkerRuntime:
                 [row.prompt for row in group],
                 [row.params for row in group],
                 [row.adapter for row in group],
+                dropped=lambda: self._dropped_rows(group),
             )
         except Exception as exc:
             if len(group) > 1:
@@ -289,9 +295,18 @@ class WorkerRuntime:
         )
         return recorded
 
+    def _dropped_rows(self, group: list[_ClaimedRow]) -> list[int]:
+        lost = self._lost
+        if not lost:
+            return []
+        return [index for index, row in enumerate(group) if row.claim.job.id in lost]
+
     def _record(self, row: _ClaimedRow, generation: Generation) -> bool:
         """Record one result. A job whose result cannot be stored fails alone, at once; one
         whose database or storage is away for a moment is given back to run again."""
+        if generation.finish_reason == CANCELLED:
+            log.info("job %s was cancelled or reclaimed mid-decode; stopped", row.claim.job.id)
+            return False
         try:
             with self.session_scope() as session:
                 if queries.record_success(session, row.claim, self._outcome(row, generation)):
@@ -341,17 +356,29 @@ class WorkerRuntime:
             with self.session_scope() as session:
                 queries.renew_leases(session, running, self.settings.lease_seconds)
 
+    def watch_claims(self) -> None:
+        """Notice jobs of the running batch that were cancelled (or their batch was), so
+        their rows stop decoding now rather than run to max_tokens for nobody."""
+        with self._lock:
+            running = list(self._running)
+        if not running:
+            return
+        with self.session_scope() as session:
+            lost = queries.lost_claims(session, running)
+        with self._lock:
+            if self._running and self._running[0] is running[0]:
+                self._lost = frozenset(lost)
+
     def maintain(self) -> None:
         """Give back dead workers' jobs, start due jobs, publish what may be lost."""
-        with self.session_scope() as session:
-            maintain(session, self.queue, self.settings)
-        batches.advance(self.session_scope, self.storage, self.queue, self.settings)
+        run_pass(self.session_scope, self.storage, self.queue, self.settings)
 
     def start_maintenance(self) -> list[threading.Thread]:
-        """Lease renewal and maintenance, each on its own timer, so that a long maintenance
-        pass never lets our own leases lapse."""
+        """Lease renewal, the watch for cancelled jobs, and maintenance, each on its own
+        timer, so that a long maintenance pass never lets our own leases lapse."""
         return [
             self._every(self.settings.lease_seconds / 3, self.renew, "mbatch-leases"),
+            self._every(CLAIM_CHECK_SECONDS, self.watch_claims, "mbatch-claims"),
             self._every(
                 self.settings.maintenance_interval_seconds, self.maintain, "mbatch-maintenance"
             ),

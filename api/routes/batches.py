@@ -94,7 +94,7 @@ def cancel_batch(
 ) -> BatchPublic:
     """Stop a batch; it is `cancelled`, with the lines that finished, once its files are written."""
     batch = batches.cancel_batch(session, batches.get_batch(session, owner, batch_id))
-    background.add_task(batches.finalize, _scope(settings), storage, batch.id)
+    background.add_task(batches.finalize, _scope(settings), storage, settings, batch.id)
     return batch_public(session, batch)
 
 

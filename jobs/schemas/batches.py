@@ -1,12 +1,12 @@
 """The Files and Batches API's objects, in OpenAI's shapes."""
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.models import Batch, FileObject
+from jobs.schemas.base import Money, RequestModel
 from jobs.schemas.native import MAX_METADATA_PAIRS
 from jobs.schemas.openai import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT
 from jobs.timeutil import aware
@@ -51,7 +51,7 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
-class BatchCreate(BaseModel):
+class BatchCreate(RequestModel):
     """`POST /v1/batches`: OpenAI's fields, plus mbatch's own after `metadata`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -61,7 +61,7 @@ class BatchCreate(BaseModel):
     completion_window: Literal["24h"] = "24h"
     metadata: Annotated[dict[str, str], Field(max_length=MAX_METADATA_PAIRS)] | None = None
     callback_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = None
-    max_cost: Annotated[Decimal, Field(gt=0, max_digits=20, decimal_places=10)] | None = None
+    max_cost: Annotated[Money, Field(gt=0, max_digits=20, decimal_places=10)] | None = None
     dry_run: bool = False
     idempotency_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 

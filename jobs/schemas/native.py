@@ -3,41 +3,31 @@
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
 from jobs.sampling import MAX_STOP_STRINGS, SamplingParams
+from jobs.schemas.base import RequestModel
 from jobs.tokenizer import ChatMessage
 
 MAX_TEXT_CHARS = 131072
 MAX_METADATA_PAIRS = 16
 
 
-def storable_text(value: str) -> str:
-    """Text Postgres can keep and JSON can carry: no NUL, no lone surrogate."""
-    if "\x00" in value:
-        raise ValueError("must not contain the NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("must be valid Unicode text") from exc
-    return value
-
-
-class Message(BaseModel):
+class Message(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
     content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
-class FunctionDef(BaseModel):
+class FunctionDef(RequestModel):
     name: str
     code: str
 
 
-class JobCreate(BaseModel):
+class JobCreate(RequestModel):
     """`POST /v1/jobs`: either `prompt` or `messages`, with Workers AI's sampling fields."""
 
     model_config = ConfigDict(extra="forbid")
@@ -63,7 +53,8 @@ class JobCreate(BaseModel):
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     callback_url: Annotated[str, Field(max_length=2048)] | None = None
     metadata: Annotated[dict[str, str], Field(max_length=MAX_METADATA_PAIRS)] | None = None
-    run_at: datetime | None = None
+    # ISO 8601 text is how JSON carries a time: read it as one.
+    run_at: Annotated[datetime, Field(strict=False)] | None = None
     idempotency_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
     @model_validator(mode="after")
@@ -88,14 +79,7 @@ class JobCreate(BaseModel):
         for key, item in (value or {}).items():
             if len(key) > 64 or len(item) > 512:
                 raise ValueError("metadata keys are at most 64 characters, values at most 512")
-            storable_text(key)
-            storable_text(item)
         return value
-
-    @field_validator("idempotency_key", "callback_url", "lora", "model")
-    @classmethod
-    def _storable(cls, value: str | None) -> str | None:
-        return None if value is None else storable_text(value)
 
     @field_validator("callback_url")
     @classmethod

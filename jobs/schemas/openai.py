@@ -6,11 +6,12 @@ internal `SamplingParams` (user value, then the model's default, then the built-
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
 from jobs.sampling import MAX_STOP_STRINGS, SamplingParams
+from jobs.schemas.base import RequestModel
 from jobs.schemas.native import MAX_TEXT_CHARS
 from jobs.tokenizer import ChatMessage
 
@@ -18,12 +19,12 @@ CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
 
 
-class TextPart(BaseModel):
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class OpenAIMessage(BaseModel):
+class OpenAIMessage(RequestModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
@@ -36,24 +37,25 @@ class OpenAIMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class OpenAIBody(BaseModel):
+class OpenAIBody(RequestModel):
     """Fields shared by both endpoints; unknown OpenAI fields are ignored, as OpenAI's
     compatible servers do, so existing files run unchanged."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: Annotated[str, Field(min_length=1)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, lt=2**31)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[float, Field(ge=0.01, le=5)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = None
+    # DeepInfra's range: a seed fits a signed 64-bit integer.
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     user: str | None = None
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     stream: Literal[False] | None = None
@@ -100,10 +102,12 @@ class CompletionBody(OpenAIBody):
         return {"prompt": self.prompt, "raw": True}
 
 
-class BatchLine(BaseModel):
+class BatchLine(RequestModel):
     """One line of an OpenAI batch input file."""
 
     model_config = ConfigDict(extra="forbid")
+    # The body is checked as the endpoint's own request (`parsed_body`).
+    checked_elsewhere = frozenset({"body"})
 
     custom_id: Annotated[str, Field(min_length=1, max_length=512)]
     method: Literal["POST"]

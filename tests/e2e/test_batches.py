@@ -10,10 +10,10 @@ import pytest
 from openai import OpenAI
 
 from jobs.db import session_scope
-from jobs.models import Batch, Job, JobStatus
+from jobs.models import Batch, FileObject, Job, JobStatus
 from jobs.settings import Settings
 from tests import services
-from tests.conftest import Stack, create_key
+from tests.conftest import BUCKET, Stack, create_key
 
 ENDED = {"completed", "failed", "expired", "cancelled"}
 CHAT = "/v1/chat/completions"
@@ -279,3 +279,52 @@ def test_a_batch_stops_once_it_has_spent_its_max_cost(
     assert_partial_output_and_nothing_after(client, settings, done, done.cancelling_at or 0)
     errors = lines_of(client, done.error_file_id)
     assert {line["error"]["code"] for line in errors} == {"max_cost_reached"}
+
+
+def test_a_poison_batch_never_holds_up_another_owners_batch(
+    client: OpenAI, stack: Stack, settings: Settings, s3_client: Any
+) -> None:
+    mallory = OpenAI(
+        base_url=f"{stack.api_url}/v1", api_key=create_key(stack.env, "mallory"), max_retries=0
+    )
+    poison = [
+        chat_line("nul\x00", "hi"),
+        chat_line("x" * 600, "hi"),
+        {**chat_line("long-key", "hi"), "k" * 300: 1},
+        json.dumps(chat_line("deep", "hi")).encode()[:-1]
+        + b', "x": '
+        + b"[" * 20_000
+        + b"]" * 20_000
+        + b"}",
+        chat_line("fine", "hi"),
+    ]
+    poisoned = mallory.files.create(file=("poison.jsonl", jsonl(poison)), purpose="batch")
+    lost = mallory.files.create(file=("lost.jsonl", jsonl([chat_line("a", "hi")])), purpose="batch")
+    with session_scope(settings.database_url) as session:
+        row = session.get(FileObject, lost.id)
+        assert row is not None
+        s3_client.delete_object(Bucket=BUCKET, Key=f"data/{row.storage_key}")
+    bad = [
+        mallory.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
+        for f in (poisoned, lost)
+    ]
+
+    started = time.monotonic()
+    normal = client.files.create(
+        file=("normal.jsonl", jsonl([chat_line(f"n-{i}", "hi") for i in range(3)])),
+        purpose="batch",
+    )
+    batch = client.batches.create(input_file_id=normal.id, endpoint=CHAT, completion_window="24h")
+    done = wait_until_ended(client, batch.id, timeout=60)
+    assert done.status == "completed" and done.request_counts.completed == 3  # type: ignore[union-attr]
+    took = time.monotonic() - started
+
+    poisoned_done = wait_until_ended(mallory, bad[0].id, timeout=60)
+    assert poisoned_done.status == "completed"
+    errors = lines_of(mallory, poisoned_done.error_file_id)
+    assert [line["error"]["line"] for line in errors] == [1, 2, 3, 4]
+    lost_done = wait_until_ended(mallory, bad[1].id, timeout=60)
+    assert lost_done.status == "failed" and lost_done.errors is not None
+    assert lost_done.errors.data[0].code == "batch_processing_failed"
+    # A 3-line batch ends within seconds of its last line, poison or not.
+    assert took < 30, took

@@ -1,6 +1,7 @@
 """The whole path on real parts: `mbatch api` and `mbatch worker` as separate processes, with
 Postgres, Redis and an S3 server."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -178,3 +179,25 @@ def test_jobs_of_different_clients_share_one_batch(
         rows = [session.get(Job, job["id"]) for job in jobs]
         assert {row.owner for row in rows if row} == {"carol", "erin"}
         assert len({row.batch_id for row in rows if row}) == 1
+
+
+def test_cancelled_jobs_stop_decoding_at_once_and_free_the_worker(
+    stack: Stack, key: dict[str, str]
+) -> None:
+    story = {"prompt": "Tell a very long story.", "max_tokens": 4000, "temperature": 1.0}
+    long = [submit(stack, key, {**story, "seed": 100 + n}) for n in range(8)]
+    wait_for_status(stack, key, long[0]["id"], {"running"})
+    time.sleep(1)  # well into decoding: 8 rows of 4,000 tokens take minutes here
+    for job in long:
+        cancelled = httpx.post(f"{stack.api_url}/v1/jobs/{job['id']}/cancel", headers=key)
+        assert cancelled.json()["status"] == "cancelled"
+    started = time.monotonic()
+    short = submit(stack, key, {"prompt": "Hi", "max_tokens": 2})
+    done = wait_for_status(stack, key, short["id"], FINISHED)
+    took = time.monotonic() - started
+    assert done["status"] == "succeeded"
+    assert took < 20, f"the next job waited {took:.1f} s behind cancelled rows"
+    assert "cancelled or reclaimed mid-decode" in stack.worker.output()
+    for job in long:
+        shown = httpx.get(f"{stack.api_url}/v1/jobs/{job['id']}", headers=key).json()
+        assert shown["status"] == "cancelled" and shown["result"] is None

@@ -1,5 +1,6 @@
 """Every bound of the Workers AI schema, and every kind of bad request, over HTTP."""
 
+import json
 from typing import Any
 
 import pytest
@@ -31,8 +32,10 @@ BOUNDS: list[tuple[str, Any, Any]] = [
 ]
 
 
-def post(client: TestClient, headers: dict[str, str], body: Any) -> Any:
-    return client.post("/v1/jobs", json=body, headers=headers)
+def post(client: TestClient, headers: dict[str, str], body: Any, url: str = "/v1/jobs") -> Any:
+    # json.dumps escapes lone surrogates (\\ud800), as a hostile client would send them.
+    json_headers = {**headers, "Content-Type": "application/json"}
+    return client.post(url, content=json.dumps(body), headers=json_headers)
 
 
 def assert_error(response: Any, status: int, param: str | None) -> None:
@@ -98,6 +101,20 @@ def test_text_over_the_length_limit_is_422(client: TestClient, alice: dict[str, 
         ({**PROMPT, "metadata": {"k": "v\u0000"}}, 422, "metadata"),
         ({**PROMPT, "temperature": "hot"}, 422, "temperature"),
         ({**PROMPT, "max_tokens": 1.5}, 422, "max_tokens"),
+        # Strict types, as OpenAI and Workers AI have them: no coercion.
+        ({**PROMPT, "max_tokens": True}, 422, "max_tokens"),
+        ({**PROMPT, "max_tokens": "5"}, 422, "max_tokens"),
+        ({**PROMPT, "seed": "42"}, 422, "seed"),
+        ({**PROMPT, "raw": "yes"}, 422, "raw"),
+        ({**PROMPT, "raw": 1}, 422, "raw"),
+        ({**PROMPT, "temperature": "0.5"}, 422, "temperature"),
+        ({**PROMPT, "metadata": {"k": 1}}, 422, "metadata.k"),
+        # One rule for text: a lone surrogate or a NUL is refused wherever it is.
+        ({"prompt": "\ud800"}, 422, "prompt"),
+        ({**PROMPT, "stop": "\ud800"}, 422, "stop"),
+        ({**PROMPT, "stop": ["ok", "a\u0000"]}, 422, "stop"),
+        ({"messages": [{"role": "user", "content": "\udfff"}]}, 422, "messages[0].content"),
+        ({**PROMPT, "lora": "a\u0000"}, 422, "lora"),
         ({**PROMPT, "stream": True}, 422, "stream"),
         ({**PROMPT, "lora": "no-such-adapter"}, 422, "lora"),
         ({**PROMPT, "model": "mistral-7b-instruct-v0.1-awq", "lora": "x"}, 422, "lora"),
@@ -215,3 +232,46 @@ def test_a_body_that_is_not_an_object_says_so(client: TestClient, alice: dict[st
     response = post(client, alice, [1, 2, 3])
     assert_error(response, 422, None)
     assert response.json()["error"]["message"] == "the body must be a JSON object"
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "param"),
+    [
+        ("GET", "/v1/jobs/%00", "path"),
+        ("GET", "/v1/jobs/job_%00abc", "path"),
+        ("POST", "/v1/jobs/%00/cancel", "path"),
+        ("GET", "/v1/batches?after=%00", "after"),
+        ("GET", "/v1/batches/%00", "path"),
+        ("GET", "/v1/files?purpose=%00", "purpose"),
+        ("GET", "/v1/files/%00/content", "path"),
+        ("GET", "/v1/loras/%00", "path"),
+        ("DELETE", "/v1/loras/%00", "path"),
+        ("GET", "/v1/batches?limit=1&after=a%00b", "after"),
+    ],
+)
+def test_nul_in_the_url_is_422_on_every_route(
+    client: TestClient, alice: dict[str, str], method: str, url: str, param: str
+) -> None:
+    assert_error(client.request(method, url, headers=alice), 422, param)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input_file_id": "file-\u0000", "endpoint": "/v1/chat/completions"},
+        {"input_file_id": "file-\ud800", "endpoint": "/v1/chat/completions"},
+        {
+            "input_file_id": "file-x",
+            "endpoint": "/v1/chat/completions",
+            "idempotency_key": "\u0000",
+        },
+        {"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "max_cost": "1"},
+        {"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "dry_run": "true"},
+    ],
+)
+def test_a_batch_body_follows_the_same_text_and_type_rules(
+    client: TestClient, alice: dict[str, str], body: dict[str, Any]
+) -> None:
+    response = post(client, alice, body, "/v1/batches")
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] in body

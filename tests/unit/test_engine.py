@@ -139,3 +139,23 @@ def test_compute_time_is_shared_by_tokens(loaded: LoadedModel) -> None:
     ]
     short, long = generate(loaded, prompts, params)
     assert 0 < short.compute_seconds < long.compute_seconds
+
+
+def test_a_dropped_row_stops_at_once_and_its_batch_mates_are_unchanged(
+    loaded: LoadedModel,
+) -> None:
+    rng = random.Random(11)
+    prompts = [random_prompt(loaded, rng) for _ in range(3)]
+    params = [SamplingParams(max_tokens=24, temperature=0.8, seed=5 + i) for i in range(3)]
+    alone = generate(loaded, prompts, params)
+    steps = 0
+
+    def dropped() -> list[int]:
+        nonlocal steps
+        steps += 1
+        return [1] if steps >= 3 else []
+
+    cut = generate(loaded, prompts, params, dropped=dropped)
+    assert cut[1].finish_reason == "cancelled" and len(cut[1].token_ids) == 3
+    assert cut[1].token_ids == alone[1].token_ids[:3]
+    assert [cut[i].token_ids for i in (0, 2)] == [alone[i].token_ids for i in (0, 2)]

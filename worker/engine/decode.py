@@ -5,7 +5,7 @@ cache columns that only padding still occupies, so no compute goes to finished w
 """
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +19,16 @@ from worker.engine.lora_cache import BASE, adapter_names
 from worker.engine.sampler import SamplingTensors, sample
 
 Decode = Callable[[Sequence[int]], str]
+# The rows (by index) whose results are no longer wanted: they leave at the next step.
+Dropped = Callable[[], Collection[int]]
+CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
 class Generation:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or CANCELLED
     compute_seconds: float  # this row's share of the batch's time, by tokens
 
 
@@ -91,9 +94,11 @@ def generate(
     prompts: Sequence[list[int]],
     params: Sequence[SamplingParams],
     adapters: Sequence[str | None] | None = None,
+    dropped: Dropped | None = None,
 ) -> list[Generation]:
     """Decode every prompt with its own sampling parameters and LoRA adapter (None: the
-    base model), in one batch. The adapters must be loaded (`LoraCache.ensure`)."""
+    base model), in one batch. The adapters must be loaded (`LoraCache.ensure`). Rows that
+    `dropped` names stop where they are, with the finish reason CANCELLED."""
     device = loaded.device
     names = adapter_names(adapters if adapters is not None else [None] * len(prompts))
     if loaded.peft is None and set(names) != {BASE}:
@@ -157,6 +162,9 @@ def generate(
         counts[slots, tokens] += 1
         for index, token in zip(active, token_list, strict=True):
             rows[index].accept(token, eos_id, decode)
+        for index in dropped() if dropped is not None else ():
+            if rows[index].finish is None:
+                rows[index].finish = CANCELLED
 
         step_ids = tokens.unsqueeze(1)
         step_positions = step_positions[:, -1:] + 1

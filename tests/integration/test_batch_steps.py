@@ -1,0 +1,160 @@
+"""A batch's steps against the real database and storage: poison lines become error lines, a
+step that keeps failing ends its batch `failed`, and no batch's failure stops another's."""
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from jobs import batches, files
+from jobs.db import session_scope
+from jobs.models import Batch, BatchStatus, FileObject
+from jobs.queue import CeleryJobQueue
+from jobs.settings import Settings
+from jobs.storage import Storage, storage_from_settings
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def step_settings(api_settings: Settings) -> Settings:
+    """Failed steps tried again within a second, three tries in all."""
+    return api_settings.model_copy(
+        update={"batch_step_attempts": 3, "batch_step_retry_seconds": 0.3}
+    )
+
+
+@pytest.fixture(scope="module")
+def steps_client(step_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(step_settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def storage(step_settings: Settings) -> Storage:
+    return storage_from_settings(step_settings)
+
+
+def chat_line(custom_id: Any, **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": CHAT,
+        "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body},
+    }
+
+
+def start_batch(client: TestClient, headers: dict[str, str], lines: list[bytes]) -> dict[str, Any]:
+    uploaded = client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", b"\n".join(lines) + b"\n")},
+        data={"purpose": "batch"},
+        headers=headers,
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    made = client.post(
+        "/v1/batches",
+        json={"input_file_id": uploaded.json()["id"], "endpoint": CHAT},
+        headers=headers,
+    )
+    assert made.status_code == 200, made.text
+    return made.json()  # type: ignore[no-any-return]
+
+
+def advance(settings: Settings, storage: Storage) -> None:
+    def scope():  # type: ignore[no-untyped-def]
+        return session_scope(settings.database_url)
+
+    batches.advance(scope, storage, CeleryJobQueue(settings), settings)
+
+
+def test_poison_lines_become_error_lines_and_the_rest_of_the_batch_runs(
+    steps_client: TestClient, alice: dict[str, str], step_settings: Settings, storage: Storage
+) -> None:
+    poison = [
+        json.dumps(chat_line("good-1")).encode(),
+        json.dumps(chat_line("nul\x00id")).encode(),
+        json.dumps(chat_line("lone\ud800")).encode(),
+        json.dumps(chat_line("x" * 513)).encode(),
+        json.dumps({**chat_line("long-key"), "k" * 300: 1}).encode(),
+        json.dumps(chat_line("deep")).encode()[:-2]
+        + b', "x": '
+        + b"[" * 50_000
+        + b"]" * 50_000
+        + b"}}",
+        json.dumps(chat_line("seed", seed=2**70)).encode(),
+        json.dumps(chat_line("good-2")).encode(),
+    ]
+    batch = start_batch(steps_client, alice, poison)
+    shown = steps_client.get(f"/v1/batches/{batch['id']}", headers=alice).json()
+    assert shown["status"] == "in_progress", shown
+    assert shown["request_counts"] == {"total": 8, "completed": 0, "failed": 6}
+
+    cancelled = steps_client.post(f"/v1/batches/{batch['id']}/cancel", headers=alice).json()
+    assert cancelled["status"] in ("cancelling", "cancelled")
+    ended = steps_client.get(f"/v1/batches/{batch['id']}", headers=alice).json()
+    assert ended["status"] == "cancelled", ended
+    content = steps_client.get(f"/v1/files/{ended['error_file_id']}/content", headers=alice)
+    errors = [json.loads(line)["error"] for line in content.text.splitlines()]
+    assert [error["line"] for error in errors] == list(range(1, 9))
+    by_line = {error["line"]: error for error in errors}
+    assert {by_line[n]["code"] for n in (1, 8)} == {"batch_cancelled"}
+    assert all(by_line[n]["message"].startswith(f"line {n}:") for n in range(2, 8))
+    assert by_line[7]["param"] == "body.seed"
+
+
+def test_a_step_that_keeps_failing_fails_its_batch_and_never_stops_another_batch(
+    steps_client: TestClient,
+    alice: dict[str, str],
+    bob: dict[str, str],
+    step_settings: Settings,
+    storage: Storage,
+) -> None:
+    # Alice's input file loses its stored object: validating it fails every time.
+    lines = [json.dumps(chat_line(f"row-{n}")).encode() for n in range(3)]
+    uploaded = steps_client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", b"\n".join(lines))},
+        data={"purpose": "batch"},
+        headers=alice,
+    ).json()
+    with session_scope(step_settings.database_url) as session:
+        file = session.get(FileObject, uploaded["id"])
+        assert file is not None
+        storage.delete(file.storage_key)
+    broken = steps_client.post(
+        "/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": CHAT}, headers=alice
+    ).json()
+
+    # Bob's batch is cancelled: it waits for a maintenance pass to write its files.
+    healthy = start_batch(steps_client, bob, lines)
+    with session_scope(step_settings.database_url) as session:
+        row = session.get(Batch, healthy["id"])
+        assert row is not None
+        batches.cancel_batch(session, row)
+
+    time.sleep(0.5)
+    advance(step_settings, storage)
+    with session_scope(step_settings.database_url) as session:
+        bobs, alices = session.get(Batch, healthy["id"]), session.get(Batch, broken["id"])
+        assert bobs is not None and alices is not None
+        assert bobs.status == BatchStatus.cancelled  # finalized in the same pass
+        assert alices.status == BatchStatus.validating and alices.step_attempts == 2
+        assert alices.step_error is not None and "KeyError" in alices.step_error
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        advance(step_settings, storage)
+        shown = steps_client.get(f"/v1/batches/{broken['id']}", headers=alice).json()
+        if shown["status"] != "validating":
+            break
+        time.sleep(0.2)
+    assert shown["status"] == "failed", shown
+    error = shown["errors"]["data"][0]
+    assert error["code"] == "batch_processing_failed"
+    assert "3 tries" in error["message"] and files.storage_key(uploaded["id"]) in error["message"]
+    assert shown["failed_at"] is not None
