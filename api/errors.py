@@ -2,23 +2,93 @@
 
 import logging
 
+import psycopg
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.middleware import BodyTooLarge
+from jobs import storage
 from jobs.errors import MbatchError, describe, main_error
 
 log = logging.getLogger(__name__)
 
+# How long a caller is asked to wait after an outage of Postgres or storage: long enough not to
+# hammer a service that is coming back, short enough that a blip costs little.
+RETRY_AFTER_SECONDS = 5
+
+# Errors that mean Postgres cannot serve for now: refused or lost connections, a server
+# shutting down or out of resources, timeouts, deadlocks; all worth trying again.
+_DATABASE_DOWN = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # no pooled connection came free in time
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+# What storage raises; `storage.is_unavailable` tells its outages from its other errors.
+_STORAGE_ERRORS = (storage.StorageUnavailable, BotoCoreError, ClientError)
+
 
 def error_response(
-    status_code: int, code: str, message: str, param: str | None = None
+    status_code: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
         status_code=status_code,
         content={"error": {"code": code, "message": message, "param": param}},
+        headers=headers,
+    )
+
+
+def _database_down(exc: BaseException) -> bool:
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, _DATABASE_DOWN):
+        return False
+    # Postgres files "program limit exceeded" (an index row or a statement too large) under
+    # the same class as an outage; that is the statement's fault, and retrying cannot help.
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    return not str(getattr(orig, "sqlstate", None) or "").startswith("54")
+
+
+def unavailable(exc: BaseException) -> str | None:
+    """What is down, when `exc` (or an error it was raised from) means Postgres or object
+    storage cannot serve for now; None for anything else: a bug, a missing object, or
+    the caller's own fault."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if _database_down(cause):
+            return "the database"
+        if storage.is_unavailable(cause):
+            return "object storage"
+        cause = cause.__cause__
+    return None
+
+
+def _internal(exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error; the request was not applied")
+
+
+def _unavailable_or_internal(exc: Exception) -> JSONResponse:
+    down = unavailable(exc)
+    if down is None:
+        return _internal(exc)
+    # An outage is the operator's news, not a bug: one line per request, without a trace.
+    log.warning("%s is unavailable: %s", down, exc)
+    return error_response(
+        503,
+        "service_unavailable",
+        f"{down} is unavailable; try again later",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
 
@@ -54,7 +124,15 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
         )
 
+    async def _outage(_: Request, exc: Exception) -> JSONResponse:
+        return _unavailable_or_internal(exc)
+
+    # Registered by class, outages are answered where they are caught, in the route or in a
+    # dependency (the session's authentication included), like any other handled error.
+    for error in (*_DATABASE_DOWN, *_STORAGE_ERRORS):
+        app.add_exception_handler(error, _outage)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", "internal error; the request was not applied")
+        # An outage can also arrive wrapped, as the cause of some other error.
+        return _unavailable_or_internal(exc)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = {"24h": 24 * 3600}
 STEP_LEASE = timedelta(minutes=5)
 UNFINISHED = (JobStatus.scheduled, JobStatus.queued, JobStatus.running)
+RESULT_LOST = "result_unavailable"
 # Validation of an abandoned batch is taken up by maintenance only after this long, so the
 # API process that accepted the batch normally does it.
 VALIDATION_GRACE = timedelta(seconds=60)
@@ -432,12 +433,13 @@ def _validate(
             return
         session.expunge(batch)
         file = session.get(FileObject, batch.input_file_id)
-        key = file.storage_key if file is not None else None
+        if file is not None:
+            session.expunge(file)
     total = invalid = 0
-    if key is None:
+    if file is None:
         _fail(scope, batch, [{"code": "file_not_found", "message": "the input file was deleted"}])
         return
-    with scope() as session, storage.open(key) as stream:
+    with scope() as session, files.open_stored(storage, file, "input_file_id") as stream:
         checker = LineChecker(batch.endpoint, settings, owner_adapters(session, batch.owner))
         pending: list[ValidLine | InvalidLine] = []
         for result in check_file(stream, checker, settings.max_request_bytes):
@@ -724,8 +726,9 @@ def _finalize(scope: SessionScope, storage: Storage, settings: Settings, batch_i
         final = BatchStatus.completed
 
     with scope() as session:
-        output_id, completed = _write_output(session, storage, batch)
-        error_id, failed = _write_errors(session, storage, batch)
+        lost: list[tuple[int, dict[str, Any]]] = []
+        output_id, completed = _write_output(session, storage, batch, lost)
+        error_id, failed = _write_errors(session, storage, batch, lost)
         values: dict[str, Any] = {
             "status": final,
             f"{final.value}_at": utcnow(),
@@ -785,15 +788,29 @@ def _jobs_of(session: Session, batch_id: str, *condition: Any) -> Iterator[Job]:
     yield from session.scalars(query)
 
 
-def _write_output(session: Session, storage: Storage, batch: Batch) -> tuple[str | None, int]:
-    lines = (
-        output_line(job, response_text(job, storage) or "", batch.endpoint)
-        for job in _jobs_of(session, batch.id, Job.status == JobStatus.succeeded)
-    )
-    return _write_file(session, storage, batch, "output", lines)
+def _write_output(
+    session: Session, storage: Storage, batch: Batch, lost: list[tuple[int, dict[str, Any]]]
+) -> tuple[str | None, int]:
+    """The output file; a line whose stored result is gone is added to `lost`, as the error
+    line it becomes, rather than failing the whole file (an outage still raises)."""
+
+    def lines() -> Iterator[dict[str, Any]]:
+        for job in _jobs_of(session, batch.id, Job.status == JobStatus.succeeded):
+            try:
+                text = response_text(job, storage) or ""
+            except KeyError:
+                message = "the result was recorded but its stored copy is gone"
+                line = job.line or 0
+                lost.append((line, error_line(job.id, job.custom_id, line, RESULT_LOST, message)))
+                continue
+            yield output_line(job, text, batch.endpoint)
+
+    return _write_file(session, storage, batch, "output", lines())
 
 
-def _write_errors(session: Session, storage: Storage, batch: Batch) -> tuple[str | None, int]:
+def _write_errors(
+    session: Session, storage: Storage, batch: Batch, lost: list[tuple[int, dict[str, Any]]]
+) -> tuple[str | None, int]:
     refused = (
         (
             e.line,
@@ -818,7 +835,8 @@ def _write_errors(session: Session, storage: Storage, batch: Batch) -> tuple[str
         )
         for job in _jobs_of(session, batch.id, Job.status != JobStatus.succeeded)
     )
-    merged = (line for _, line in heapq.merge(refused, ended, key=lambda pair: pair[0]))
+    by_line = heapq.merge(refused, ended, lost, key=lambda pair: pair[0])
+    merged = (line for _, line in by_line)
     return _write_file(session, storage, batch, "errors", merged)
 
 
@@ -912,7 +930,7 @@ def retry_failed(
             select(Job.line).where(Job.file_batch_id == batch.id, Job.status == JobStatus.succeeded)
         )
     )
-    with tempfile.TemporaryFile() as out, storage.open(source.storage_key) as stream:
+    with tempfile.TemporaryFile() as out, files.open_stored(storage, source, "id") as stream:
         kept = 0
         for number, raw in enumerate(files.read_lines(stream, 1 << 62), start=1):
             if raw is None or not raw.strip() or number in succeeded:

@@ -45,7 +45,15 @@ def get_engine(database_url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    return create_engine(
+        database_url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+        # A database host that does not answer is an outage within seconds (a 503, a job
+        # given back), not a request or a worker that hangs for minutes.
+        connect_args={"connect_timeout": 5},
+    )
 
 
 @lru_cache

@@ -3,6 +3,7 @@
 Uploads go to object storage in pieces; nothing here holds a whole file in memory.
 """
 
+import itertools
 import secrets
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -10,13 +11,21 @@ from typing import BinaryIO
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from jobs.errors import InvalidParameter, NotFound
+from jobs.errors import InvalidParameter, MbatchError, NotFound
 from jobs.models import FileObject
 from jobs.storage import Storage
 
 INPUT_PURPOSE = "batch"
 OUTPUT_PURPOSE = "batch_output"
 CHUNK_BYTES = 1024 * 1024
+
+
+class ContentUnavailable(MbatchError):
+    """The file is on record but its stored contents are gone. Gone for good, unlike an outage
+    (503), and unlike a wrong id (404): the file itself still reads and can be deleted."""
+
+    code = "file_content_unavailable"
+    status_code = 410
 
 
 def storage_key(file_id: str) -> str:
@@ -86,6 +95,9 @@ def create_file(
         raise InvalidParameter("file", f"<{lines} lines>", f"a file is at most {max_lines} lines")
     if size == 0:
         raise InvalidParameter("file", "<empty>", "the file is empty")
+    if "\x00" in filename:
+        # Postgres text cannot hold NUL; nothing else about a name is refused.
+        raise InvalidParameter("file", filename, "the file name contains a NUL character")
     file = FileObject(
         id="file-" + secrets.token_hex(12),
         owner=owner,
@@ -146,13 +158,38 @@ def list_files(session: Session, owner: str, purpose: str | None = None) -> list
     return list(session.scalars(query.order_by(FileObject.created_at.desc())))
 
 
-def iter_content(storage: Storage, file: FileObject) -> Iterator[bytes]:
-    with storage.open(file.storage_key) as body:
+def open_stored(storage: Storage, file: FileObject, param: str = "file_id") -> BinaryIO:
+    """A readable stream of the file's contents; ContentUnavailable if they are gone."""
+    try:
+        return storage.open(file.storage_key)
+    except KeyError:
+        raise ContentUnavailable(
+            f"the contents of file {file.id} are no longer in storage", param=param
+        ) from None
+
+
+def open_content(storage: Storage, file: FileObject) -> Iterator[bytes]:
+    """The file's contents in pieces, the first already read: a missing object or a storage
+    that is down fails here, while an error can still be the whole answer, rather than after
+    a streamed response has begun."""
+    chunks = _chunks(open_stored(storage, file))
+    first = next(chunks, b"")
+    return itertools.chain((first,), chunks)
+
+
+def _chunks(body: BinaryIO) -> Iterator[bytes]:
+    # Entered by the first read, so that the body is closed however the iteration ends,
+    # a client that goes away mid-stream included.
+    with body:
         while chunk := body.read(CHUNK_BYTES):
             yield chunk
 
 
 def delete_file(session: Session, storage: Storage, file: FileObject) -> None:
+    # The row's delete is sent but not committed until the object is gone: a storage outage
+    # then leaves both (the session is rolled back), and a commit that fails after it leaves a
+    # file without contents (410), that a retry deletes; never an object that no row names.
     session.delete(file)
-    session.commit()
+    session.flush()
     storage.delete(file.storage_key)
+    session.commit()

@@ -5,10 +5,9 @@ unpickled or executed, and no weights are loaded.
 """
 
 import hashlib
-import json
+import math
 import re
 import secrets
-import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -19,14 +18,19 @@ from sqlalchemy.orm import Session
 from jobs.errors import InvalidParameter, NotFound
 from jobs.models import LoraAdapter
 from jobs.registry import ModelSpec, resolve_model
+from jobs.safetensors_header import Brief, TensorInfo, loads, read_header
 from jobs.storage import Storage
 
 CONFIG_FIELD = "adapter_config.json"
 WEIGHTS_FIELD = "adapter_model.safetensors"
-MAX_HEADER_BYTES = 16 * 1024 * 1024
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+# A PEFT config is a kilobyte or so; much more is no config, and parsing it would cost memory.
+MAX_CONFIG_BYTES = 1024 * 1024
+# The names PEFT gives the weights, exactly: Python's \d and int() also take other scripts'
+# digits and leading zeros, which name no layer PEFT would load; six digits keep int() cheap.
 TENSOR_NAME = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
+    r"base_model\.model\.model\.layers\.(0|[1-9][0-9]{0,5})\.(self_attn|mlp)\.([a-z_]+)"
+    r"\.lora_([AB])\.weight",
+    re.ASCII,
 )
 PARENT = {
     "q_proj": "self_attn",
@@ -56,33 +60,53 @@ class AdapterConfig:
     target_modules: list[str]
 
 
+def _alpha(config: dict[str, Any], rank: int) -> float:
+    """A positive, finite lora_alpha. NaN or an infinity makes every output garbage, zero makes
+    it the base model's and a negative alpha turns the adapter around, yet all those jobs would
+    succeed and be billed."""
+    if "lora_alpha" not in config:
+        return float(rank)
+    value = config["lora_alpha"]
+    field = f"{CONFIG_FIELD}.lora_alpha"
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidParameter(field, Brief(value), "must be a number")
+    try:
+        alpha = float(value)
+    except OverflowError:  # an integer beyond any float
+        alpha = math.inf
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidParameter(field, Brief(value), "must be a positive, finite number")
+    return alpha
+
+
 def parse_config(data: bytes, spec: ModelSpec, max_rank: int) -> AdapterConfig:
     """A PEFT LoRA config whose rank and target modules this model can serve."""
-    try:
-        config = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidParameter(CONFIG_FIELD, "...", f"not JSON: {exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InvalidParameter(
+            CONFIG_FIELD, f"<{len(data)} bytes>", f"configs are at most {MAX_CONFIG_BYTES} bytes"
+        )
+    config = loads(data, CONFIG_FIELD)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise InvalidParameter(CONFIG_FIELD, "...", 'not a PEFT LoRA config ("peft_type": "LORA")')
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidParameter(f"{CONFIG_FIELD}.r", rank, "must be a positive integer")
+        raise InvalidParameter(f"{CONFIG_FIELD}.r", Brief(rank), "must be a positive integer")
     if rank > max_rank:
-        raise InvalidParameter(f"{CONFIG_FIELD}.r", rank, f"rank is at most {max_rank}")
-    alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise InvalidParameter(f"{CONFIG_FIELD}.lora_alpha", alpha, "must be a number")
+        raise InvalidParameter(f"{CONFIG_FIELD}.r", Brief(rank), f"rank is at most {max_rank}")
+    alpha = _alpha(config, rank)
     targets = config.get("target_modules")
     if isinstance(targets, str):
         targets = [targets]
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise InvalidParameter(f"{CONFIG_FIELD}.target_modules", targets, "must list module names")
+        raise InvalidParameter(
+            f"{CONFIG_FIELD}.target_modules", Brief(targets), "must list module names"
+        )
     known = spec.architecture.projection_shapes()
     unknown = sorted(set(targets) - set(known))
     if unknown:
         raise InvalidParameter(
             f"{CONFIG_FIELD}.target_modules",
-            unknown,
+            Brief(unknown),
             f"{spec.name} has no such modules; it has {', '.join(known)}",
         )
     # Served with rank, alpha and target modules alone: anything that would change what
@@ -90,81 +114,51 @@ def parse_config(data: bytes, spec: ModelSpec, max_rank: int) -> AdapterConfig:
     for unsupported in UNSUPPORTED_OPTIONS:
         if config.get(unsupported):
             raise InvalidParameter(
-                f"{CONFIG_FIELD}.{unsupported}", config[unsupported], "not supported"
+                f"{CONFIG_FIELD}.{unsupported}", Brief(config[unsupported]), "not supported"
             )
     init = config.get("init_lora_weights", True)
     if not isinstance(init, bool) and init != "gaussian":
         raise InvalidParameter(
             f"{CONFIG_FIELD}.init_lora_weights",
-            init,
+            Brief(init),
             "adapters that rewrite the base weights (PiSSA, OLoRA, LoftQ...) are not supported",
         )
-    return AdapterConfig(rank=rank, alpha=float(alpha), target_modules=sorted(set(targets)))
+    return AdapterConfig(rank=rank, alpha=alpha, target_modules=sorted(set(targets)))
 
 
-def read_safetensors_header(stream: BinaryIO, size: int) -> dict[str, Any]:
-    """The tensor table of a safetensors file, checked against the file's size."""
-    refuse = InvalidParameter(WEIGHTS_FIELD, "...", "not a safetensors file")
-    head = stream.read(8)
-    if len(head) < 8:
-        raise refuse
-    (header_bytes,) = struct.unpack("<Q", head)
-    if header_bytes > min(MAX_HEADER_BYTES, size - 8):
-        raise refuse
-    try:
-        header = json.loads(stream.read(header_bytes))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise refuse from None
-    if not isinstance(header, dict):
-        raise refuse
-    header.pop("__metadata__", None)
-    data_bytes = size - 8 - header_bytes
-    for name, entry in header.items():
-        try:
-            start, end = entry["data_offsets"]
-            count = 1
-            for dim in entry["shape"]:
-                count *= int(dim)
-            width = DTYPE_BYTES[entry["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise InvalidParameter(
-                WEIGHTS_FIELD, name, "a tensor entry is malformed or of an unsupported dtype"
-            ) from None
-        if not 0 <= start <= end <= data_bytes or end - start != count * width:
-            raise InvalidParameter(WEIGHTS_FIELD, name, "tensor data does not match the header")
-    return header
-
-
-def check_tensors(header: dict[str, Any], spec: ModelSpec, config: AdapterConfig) -> None:
+def check_tensors(tensors: dict[str, TensorInfo], spec: ModelSpec, config: AdapterConfig) -> None:
     """Every tensor is a LoRA A or B matrix of a targeted module that fits the base model."""
     shapes = spec.architecture.projection_shapes()
-    if not header:
+    if not tensors:
         raise InvalidParameter(WEIGHTS_FIELD, "...", "the file holds no tensors")
     parts: dict[str, set[str]] = {}
-    for name, entry in header.items():
-        match = TENSOR_NAME.match(name)
+    for name, info in tensors.items():
+        match = TENSOR_NAME.fullmatch(name)
         if match is None:
-            raise InvalidParameter(WEIGHTS_FIELD, name, "not a LoRA weight of a Mistral layer")
+            raise InvalidParameter(
+                WEIGHTS_FIELD, Brief(name), "not a LoRA weight of a Mistral layer"
+            )
         layer, parent, module, part = int(match[1]), match[2], match[3], match[4]
         if (
             layer >= spec.architecture.num_layers
             or module not in config.target_modules
             or PARENT.get(module, "mlp") != parent
         ):
-            raise InvalidParameter(WEIGHTS_FIELD, name, f"{spec.name} has no such target")
+            raise InvalidParameter(WEIGHTS_FIELD, Brief(name), f"{spec.name} has no such target")
         parts.setdefault(name[: -len("A.weight")], set()).add(part)
         in_features, out_features = shapes[module]
-        expected = [config.rank, in_features] if part == "A" else [out_features, config.rank]
-        if list(entry["shape"]) != expected:
+        expected = (config.rank, in_features) if part == "A" else (out_features, config.rank)
+        if info.shape != expected:
             raise InvalidParameter(
                 WEIGHTS_FIELD,
-                name,
-                f"shape {list(entry['shape'])} does not fit {spec.name}; expected {expected}",
+                Brief(name),
+                f"shape {Brief(list(info.shape))} does not fit {spec.name}; "
+                f"expected {list(expected)}",
             )
     for prefix, found in parts.items():
         if found != {"A", "B"}:
             raise InvalidParameter(
-                WEIGHTS_FIELD, prefix + "*", "a LoRA layer needs both its A and its B matrix"
+                WEIGHTS_FIELD, Brief(prefix + "*"), "a LoRA layer needs both its A and its B matrix"
             )
 
 
@@ -207,7 +201,7 @@ def create_adapter(
             WEIGHTS_FIELD, f"<{size} bytes>", f"adapters are at most {max_bytes} bytes"
         )
     config = parse_config(config_data, spec, max_rank)
-    check_tensors(read_safetensors_header(weights, _size(weights)), spec, config)
+    check_tensors(read_header(weights, _size(weights), WEIGHTS_FIELD), spec, config)
     if session.scalar(
         select(LoraAdapter.id).where(LoraAdapter.owner == owner, LoraAdapter.name == name)
     ):

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,39 @@ def edited_weights(
 def pickled_weights(adapter_dir: Path) -> bytes:
     """The same weights as a pickled `.bin`, the format that must never be loaded."""
     return pickle.dumps({"weights": torch.zeros(2)})
+
+
+def read_safetensors(adapter_dir: Path) -> tuple[dict[str, Any], bytes]:
+    """The header and the data section of the adapter's safetensors file, as written."""
+    raw = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def safetensors_bytes(header: Any, data: bytes) -> bytes:
+    """A safetensors file with exactly this header (a value, or its bytes as sent), however
+    wrong: the library itself would never write most of the ones the tests make."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def large_adapter(spec: ModelSpec, layers: int, rank: int = 32) -> tuple[bytes, bytes]:
+    """The config and weights of a zero-filled adapter on every module of the first `layers`
+    layers of a full-size model: tens of megabytes, written without torch."""
+    shapes = spec.architecture.projection_shapes()
+    header: dict[str, Any] = {}
+    offset = 0
+    for layer in range(layers):
+        for module, (in_features, out_features) in shapes.items():
+            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            for part, shape in (("A", [rank, in_features]), ("B", [out_features, rank])):
+                size = shape[0] * shape[1] * 2
+                header[f"{prefix}.lora_{part}.weight"] = {
+                    "dtype": "F16",
+                    "shape": shape,
+                    "data_offsets": [offset, offset + size],
+                }
+                offset += size
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(shapes)}
+    return json.dumps(config).encode(), safetensors_bytes(header, bytes(offset))

@@ -6,7 +6,7 @@ from fastapi import APIRouter, BackgroundTasks, Query, Response
 from sqlalchemy.orm import Session
 
 from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, SettingsDep, StorageDep
-from jobs import batches
+from jobs import batches, files
 from jobs.db import session_scope
 from jobs.models import Batch
 from jobs.queue import JobQueue
@@ -50,7 +50,7 @@ def create_batch(
     """Start a batch from an uploaded file, or with `dry_run` only count its tokens and cost."""
     if body.dry_run:
         file = batches.input_file(session, owner, body.input_file_id)
-        with storage.open(file.storage_key) as stream:
+        with files.open_stored(storage, file, "input_file_id") as stream:
             return batches.estimate(session, stream, owner, file.id, body.endpoint, settings)
     batch, created = batches.create_batch(session, owner, body, settings, idempotency_key)
     if created:

@@ -1,6 +1,7 @@
 """Files: batch input files in, batch output and error files out (the OpenAI Files API)."""
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import StreamingResponse
@@ -10,6 +11,17 @@ from jobs import files
 from jobs.schemas.batches import FileDeleted, FileList, FilePublic
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header for any name (RFC 6266): the exact name as UTF-8 in `filename*`
+    (RFC 5987), and for clients that know only `filename`, a plain ASCII stand-in.
+
+    Headers travel as Latin-1, so the raw name would fail for most of the world's scripts;
+    in the stand-in, quotes, backslashes and control characters could end the parameter or the
+    header early, and `%` could be read as an escape by clients that decode it."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @router.post("", response_model=FilePublic)
@@ -54,9 +66,9 @@ def get_file_content(
     """A file's contents, streamed."""
     file = files.get_file(session, owner, file_id)
     return StreamingResponse(
-        files.iter_content(storage, file),
+        files.open_content(storage, file),
         media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{file.filename}"'},
+        headers={"Content-Disposition": content_disposition(file.filename)},
     )
 
 

@@ -11,8 +11,10 @@ from jobs.schemas.loras import LoraList, LoraPublic
 router = APIRouter(prefix="/v1/loras", tags=["loras"])
 
 
+# A plain function, so that FastAPI runs it in a worker thread: checking, hashing and storing
+# hundreds of megabytes must not hold the event loop, and every other request, meanwhile.
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=LoraPublic)
-async def upload_lora(
+def upload_lora(
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
@@ -29,7 +31,7 @@ async def upload_lora(
         owner,
         name,
         base_model,
-        await adapter_config.read(settings.max_lora_bytes + 1),
+        adapter_config.file.read(loras.MAX_CONFIG_BYTES + 1),
         adapter_model.file,
         settings.max_lora_rank,
         settings.max_lora_bytes,

@@ -53,16 +53,32 @@ class JobPublic(BaseModel):
     metadata: dict[str, str] | None
 
 
+RESULT_UNAVAILABLE = "result_unavailable"
+
+
 def response_text(job: Job, storage: Storage) -> str | None:
-    """The response, from the row or, when it was too large for one, from object storage."""
+    """The response, from the row or, when it was too large for one, from object storage.
+
+    KeyError when its stored object is gone (deleted behind the database's back): what that
+    means is the caller's to say. StorageUnavailable while the storage is down."""
     if job.response_uri is not None:
         return storage.get_bytes(job.response_uri).decode()
     return job.response_text
 
 
 def job_public(job: Job, storage: Storage) -> JobPublic:
-    succeeded = job.status == JobStatus.succeeded
-    text = response_text(job, storage) if succeeded else None
+    text: str | None = None
+    error: ErrorPublic | None = None
+    if job.status == JobStatus.succeeded:
+        try:
+            text = response_text(job, storage)
+        except KeyError:
+            # The job did succeed, and its usage and cost stand; only the text is lost, and
+            # that for good, so the job still reads, saying so in place of its result.
+            error = ErrorPublic(
+                code=RESULT_UNAVAILABLE,
+                message="the result of this job is no longer in storage",
+            )
     usage = cost = None
     if job.completion_tokens is not None:
         usage = Usage(
@@ -77,7 +93,6 @@ def job_public(job: Job, storage: Storage) -> JobPublic:
             output=float(job.cost_output),
             total=float(job.cost_input + job.cost_output),
         )
-    error = None
     if job.error_code is not None:
         error = ErrorPublic(code=job.error_code, message=job.error_message or "")
     return JobPublic(

@@ -4,18 +4,21 @@ step that keeps failing ends its batch `failed`, and no batch's failure stops an
 import json
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from jobs import batches, files
+from jobs import batches, queries
 from jobs.db import session_scope
 from jobs.models import Batch, BatchStatus, FileObject
+from jobs.queries import Outcome
 from jobs.queue import CeleryJobQueue
 from jobs.settings import Settings
 from jobs.storage import Storage, storage_from_settings
+from worker.runtime import place_response
 
 CHAT = "/v1/chat/completions"
 
@@ -126,9 +129,11 @@ def test_a_step_that_keeps_failing_fails_its_batch_and_never_stops_another_batch
         file = session.get(FileObject, uploaded["id"])
         assert file is not None
         storage.delete(file.storage_key)
-    broken = steps_client.post(
-        "/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": CHAT}, headers=alice
-    ).json()
+    body = {"input_file_id": uploaded["id"], "endpoint": CHAT}
+    estimate = steps_client.post("/v1/batches", json={**body, "dry_run": True}, headers=alice)
+    assert estimate.status_code == 410, estimate.text
+    assert estimate.json()["error"]["code"] == "file_content_unavailable"
+    broken = steps_client.post("/v1/batches", json=body, headers=alice).json()
 
     # Bob's batch is cancelled: it waits for a maintenance pass to write its files.
     healthy = start_batch(steps_client, bob, lines)
@@ -144,7 +149,7 @@ def test_a_step_that_keeps_failing_fails_its_batch_and_never_stops_another_batch
         assert bobs is not None and alices is not None
         assert bobs.status == BatchStatus.cancelled  # finalized in the same pass
         assert alices.status == BatchStatus.validating and alices.step_attempts == 2
-        assert alices.step_error is not None and "KeyError" in alices.step_error
+        assert alices.step_error is not None and "no longer in storage" in alices.step_error
 
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -156,5 +161,39 @@ def test_a_step_that_keeps_failing_fails_its_batch_and_never_stops_another_batch
     assert shown["status"] == "failed", shown
     error = shown["errors"]["data"][0]
     assert error["code"] == "batch_processing_failed"
-    assert "3 tries" in error["message"] and files.storage_key(uploaded["id"]) in error["message"]
+    assert "3 tries" in error["message"] and uploaded["id"] in error["message"]
     assert shown["failed_at"] is not None
+
+
+def test_a_line_whose_stored_result_is_gone_becomes_an_error_line(
+    steps_client: TestClient, alice: dict[str, str], step_settings: Settings, storage: Storage
+) -> None:
+    lines = [json.dumps(chat_line(f"kept-{n}")).encode() for n in (1, 2)]
+    batch = start_batch(steps_client, alice, lines)
+    keys = []
+    with session_scope(step_settings.database_url) as session:
+        for line in (1, 2):
+            job_id = batches.line_job_id(batch["id"], line)
+            [claim] = queries.claim_batch(
+                session, "tiny-random-mistral", "w", 60, 1, first_id=job_id
+            )
+            assert claim.job.id == job_id
+            _, key = place_response(storage, job_id, f"answer {line}", inline_max_bytes=0)
+            assert key is not None
+            keys.append(key)
+            outcome = Outcome(2, "stop", None, key, Decimal(0), Decimal(0), 0.1)
+            assert queries.record_success(session, claim, outcome)
+    storage.delete(keys[0])
+
+    def scope():  # type: ignore[no-untyped-def]
+        return session_scope(step_settings.database_url)
+
+    assert batches.finalize(scope, storage, step_settings, batch["id"])
+    shown = steps_client.get(f"/v1/batches/{batch['id']}", headers=alice).json()
+    assert shown["status"] == "completed", shown
+    assert shown["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    output = steps_client.get(f"/v1/files/{shown['output_file_id']}/content", headers=alice)
+    assert [json.loads(line)["custom_id"] for line in output.text.splitlines()] == ["kept-2"]
+    errors = steps_client.get(f"/v1/files/{shown['error_file_id']}/content", headers=alice)
+    [error] = [json.loads(line) for line in errors.text.splitlines()]
+    assert error["custom_id"] == "kept-1" and error["error"]["code"] == "result_unavailable"

@@ -1,8 +1,13 @@
 """LoRA upload over HTTP: real PEFT adapters, and each kind of malformed upload refused."""
 
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -13,15 +18,20 @@ from jobs.errors import InvalidParameter
 from jobs.registry import resolve_model
 from jobs.schemas.openai import CHAT_ENDPOINT, BatchLine
 from jobs.settings import Settings
+from tests import services
 from tests.adapters import (
     edited_config,
     edited_weights,
     files,
+    large_adapter,
     make_adapter,
     make_adapter_for_model,
     make_adapter_for_shape,
     pickled_weights,
+    read_safetensors,
+    safetensors_bytes,
 )
+from tests.conftest import create_key
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +160,227 @@ def test_malformed_uploads_are_422_naming_the_part(
     assert response.json()["error"]["param"] == param
 
 
+def nested(depth: int, inner: bytes = b"1") -> bytes:
+    """JSON nested `depth` deep: lists and objects in turn."""
+    opening = b'[{"x":' * (depth // 2)
+    return opening + inner + b"}]" * (depth // 2)
+
+
+def config_with(adapter: Path, field: str, raw: bytes) -> bytes:
+    """The adapter's config with one field set to JSON text that `json.dumps` would not write."""
+    return edited_config(adapter, **{field: "@@"}).replace(b'"@@"', raw)
+
+
+CONFIG_REFUSALS = [
+    ("nested lists", lambda a: b"[" * 100_000 + b"]" * 100_000, "adapter_config.json"),
+    ("nested objects", lambda a: b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "adapter_config.json"),
+    (
+        "a field nested deeply",
+        lambda a: config_with(a, "r", nested(100_000)),
+        "adapter_config.json",
+    ),
+    (
+        "an integer too long to read",
+        lambda a: config_with(a, "r", b"1" * 5000),
+        "adapter_config.json",
+    ),
+    ("alpha NaN", lambda a: config_with(a, "lora_alpha", b"NaN"), "adapter_config.json.lora_alpha"),
+    (
+        "alpha Infinity",
+        lambda a: config_with(a, "lora_alpha", b"Infinity"),
+        "adapter_config.json.lora_alpha",
+    ),
+    (
+        "alpha -Infinity",
+        lambda a: config_with(a, "lora_alpha", b"-Infinity"),
+        "adapter_config.json.lora_alpha",
+    ),
+    (
+        "alpha that overflows to infinity",
+        lambda a: config_with(a, "lora_alpha", b"1e400"),
+        "adapter_config.json.lora_alpha",
+    ),
+    (
+        "alpha an integer too large for a float",
+        lambda a: config_with(a, "lora_alpha", b"1" * 400),
+        "adapter_config.json.lora_alpha",
+    ),
+    ("alpha zero", lambda a: config_with(a, "lora_alpha", b"0"), "adapter_config.json.lora_alpha"),
+    (
+        "alpha negative",
+        lambda a: config_with(a, "lora_alpha", b"-8"),
+        "adapter_config.json.lora_alpha",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "config", "param"), CONFIG_REFUSALS, ids=[r[0] for r in CONFIG_REFUSALS]
+)
+def test_malformed_configs_are_422(
+    client: TestClient, alice: dict[str, str], adapter: Path, what: str, config: Any, param: str
+) -> None:
+    response = upload(
+        client, alice, "bad", files(adapter, **{"adapter_config.json": config(adapter)})
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+    assert len(response.json()["error"]["message"]) < 1000
+
+
+Header = dict[str, Any]
+
+
+def first(header: Header) -> str:
+    """The name of the tensor whose data comes first."""
+    tensors = [name for name in header if name != "__metadata__"]
+    return min(tensors, key=lambda name: header[name]["data_offsets"][0])
+
+
+def entry_set(key: str, value: Callable[[Any], Any]) -> Callable[[Header, bytes], bytes]:
+    """The first tensor's `key` set to a value made from the one it has."""
+
+    def change(header: Header, data: bytes) -> bytes:
+        entry = header[first(header)]
+        entry[key] = value(entry[key])
+        return safetensors_bytes(header, data)
+
+    return change
+
+
+def shifted(header: Header, data: bytes, after: int, by: int) -> bytes:
+    """The data of every tensor that starts at or after `after` moved `by` bytes on."""
+    for name, entry in header.items():
+        if name != "__metadata__" and entry["data_offsets"][0] >= after:
+            entry["data_offsets"] = [offset + by for offset in entry["data_offsets"]]
+    return safetensors_bytes(header, data[:after] + bytes(by) + data[after:])
+
+
+def overlapping(header: Header, data: bytes) -> bytes:
+    """Two tensors of one shape read the same bytes; the second one's own bytes are unread."""
+    by_shape: dict[str, str] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        twin = by_shape.setdefault(str(entry["shape"]), name)
+        if twin != name:
+            entry["data_offsets"] = header[twin]["data_offsets"]
+            return safetensors_bytes(header, data)
+    raise AssertionError("no two tensors of the same shape")
+
+
+def last_start(header: Header) -> int:
+    return max(entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__")
+
+
+def duplicated(header: Header, data: bytes) -> bytes:
+    """The first tensor's entry written a second time, at the end of the header."""
+    name = first(header)
+    raw = json.dumps(header).encode()
+    return safetensors_bytes(raw[:-1] + b", " + json.dumps({name: header[name]}).encode()[1:], data)
+
+
+HEADER_REFUSALS: list[tuple[str, Callable[[Header, bytes], bytes], str]] = [
+    (
+        "offsets as strings",
+        entry_set("data_offsets", lambda offsets: [str(x) for x in offsets]),
+        "data_offsets",
+    ),
+    (
+        "offsets as an object",
+        entry_set(
+            "data_offsets", lambda offsets: dict(zip(["start", "end"], offsets, strict=True))
+        ),
+        "data_offsets",
+    ),
+    (
+        "offsets as floats",
+        entry_set("data_offsets", lambda offsets: [float(x) for x in offsets]),
+        "data_offsets",
+    ),
+    (
+        "offsets as booleans",
+        entry_set("data_offsets", lambda offsets: [offsets[0] == 0, offsets[1]]),
+        "data_offsets",
+    ),
+    ("shape as floats", entry_set("shape", lambda shape: [float(x) for x in shape]), "shape"),
+    ("shape of infinities", entry_set("shape", lambda shape: [float("inf"), 1]), "shape"),
+    ("shape of booleans", entry_set("shape", lambda shape: [True, shape[0] * shape[1]]), "shape"),
+    ("dtype as a list", entry_set("dtype", lambda dtype: [dtype]), "dtype"),
+    (
+        "metadata not of strings",
+        lambda h, d: safetensors_bytes({**h, "__metadata__": {"a": 1}}, d),
+        "__metadata__",
+    ),
+    (
+        "metadata a list",
+        lambda h, d: safetensors_bytes({**h, "__metadata__": [1]}, d),
+        "__metadata__",
+    ),
+    (
+        "a header nested deeply",
+        lambda h, d: safetensors_bytes(b'{"a":' * 100_000 + b"1" + b"}" * 100_000, d),
+        "nested",
+    ),
+    (
+        "a tensor entry nested deeply",
+        lambda h, d: safetensors_bytes(b'{"t": ' + nested(100_000) + b"}", d),
+        "nested",
+    ),
+    (
+        "a header in UTF-16",
+        lambda h, d: safetensors_bytes(json.dumps(h).encode("utf-16"), d),
+        "UTF-8",
+    ),
+    ("a tensor named twice", duplicated, "twice"),
+    ("bytes after the last tensor", lambda h, d: safetensors_bytes(h, d + bytes(1000)), "after"),
+    ("bytes before the first tensor", lambda h, d: shifted(h, d, 0, 16), "offsets"),
+    ("a gap between tensors", lambda h, d: shifted(h, d, last_start(h), 16), "offsets"),
+    ("tensors that overlap", overlapping, "offsets"),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "change", "says"), HEADER_REFUSALS, ids=[r[0] for r in HEADER_REFUSALS]
+)
+def test_malformed_safetensors_headers_are_422(
+    client: TestClient,
+    alice: dict[str, str],
+    adapter: Path,
+    what: str,
+    change: Callable[[Header, bytes], bytes],
+    says: str,
+) -> None:
+    header, data = read_safetensors(adapter)
+    weights = change(header, data)
+    response = upload(
+        client, alice, "bad", files(adapter, **{"adapter_model.safetensors": weights})
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "adapter_model.safetensors"
+    assert says in error["message"] and len(error["message"]) < 1000
+
+
+NAME_REFUSALS = [
+    ("a layer number in other digits", lambda k: k.replace("layers.1.", "layers.\u0661.")),
+    ("a layer number with a leading zero", lambda k: k.replace("layers.1.", "layers.01.")),
+    ("a name ending in a newline", lambda k: k + "\n"),
+]
+
+
+@pytest.mark.parametrize(("what", "rename"), NAME_REFUSALS, ids=[r[0] for r in NAME_REFUSALS])
+def test_tensor_names_peft_would_not_load_are_422(
+    client: TestClient, alice: dict[str, str], adapter: Path, what: str, rename: Any
+) -> None:
+    weights = edited_weights(adapter, lambda k: True, rename)
+    response = upload(
+        client, alice, "bad", files(adapter, **{"adapter_model.safetensors": weights})
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "adapter_model.safetensors"
+
+
 def test_shapes_of_another_model_are_422(
     client: TestClient, alice: dict[str, str], tmp_path: Path
 ) -> None:
@@ -251,3 +482,64 @@ def test_an_openai_request_names_its_adapter_too(
             else:
                 assert isinstance(checked, ValidLine) and checked.lora_id == expected
     assert refused.value.param == "lora"
+
+
+@pytest.fixture(scope="module")
+def api_process(stack_env: dict[str, str], log_dir: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """`mbatch api` as deployed, on S3 storage: one process, one event loop."""
+    api, url = services.start_api(stack_env, log_dir)
+    yield url, {"Authorization": f"Bearer {create_key(stack_env, 'erin')}"}
+    api.stop()
+
+
+def test_an_upload_does_not_stall_other_requests(
+    api_process: tuple[str, dict[str, str]],
+) -> None:
+    """The upload is handled off the event loop: /healthz answers while 80 MB are checked,
+    hashed and stored."""
+    url, key = api_process
+    config, weights = large_adapter(resolve_model("mistral-7b-instruct-v0.1"), layers=16)
+    latencies: list[float] = []
+    failures: list[str] = []
+    connected = threading.Event()
+    done = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            http.get("/healthz")  # connected before the upload starts, so that is not timed
+            connected.set()
+            while not done.is_set():
+                start = time.monotonic()
+                response = http.get("/healthz")
+                latencies.append(time.monotonic() - start)
+                if response.status_code != 200:
+                    failures.append(response.text)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        assert connected.wait(30)
+        start = time.monotonic()
+        response = httpx.post(
+            f"{url}/v1/loras",
+            data={"name": "large", "base_model": "mistral-7b-instruct-v0.1"},
+            files={
+                "adapter_config.json": ("adapter_config.json", config),
+                "adapter_model.safetensors": ("adapter_model.safetensors", weights),
+            },
+            headers=key,
+            timeout=300,
+        )
+        upload_seconds = time.monotonic() - start
+    finally:
+        done.set()
+        prober.join()
+    assert response.status_code == 201, response.text
+    assert not failures
+    assert httpx.delete(f"{url}/v1/loras/large", headers=key).status_code == 204
+    # Checking, hashing and storing the adapter (in S3) take over half of the upload's time:
+    # a handler that held the event loop meanwhile held every /healthz as long. Compared to
+    # the upload's own duration, so that a slow, busy machine slows both sides alike.
+    assert len(latencies) >= 5
+    assert max(latencies) < upload_seconds / 3, (upload_seconds, sorted(latencies)[-5:])
