@@ -312,3 +312,26 @@ def release_claims(
         for claim in claims
         if _give_back(session, claim, max_attempts, "engine_error", reason)
     ]
+
+
+def return_claims(session: Session, claims: list[Claim]) -> list[Job]:
+    """Give claimed jobs back, queued again, after our own storage or database was away while
+    they ran: the claim is not counted as an attempt, since nothing about the jobs failed, and
+    an outage that outlasts their attempts must not fail them. Returns the jobs queued again."""
+    returned = []
+    for claim in claims:
+        result = session.execute(
+            update(Job)
+            .where(*_held(claim))
+            .values(
+                status=JobStatus.queued,
+                enqueued_at=None,
+                claim_token=None,
+                lease_expires_at=None,
+                attempts=Job.attempts - 1,
+            )
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            returned.append(claim.job)
+    session.commit()
+    return returned

@@ -46,11 +46,13 @@ if ! port_open 5432; then
     wait_port 5432
 fi
 
+# The fault tests start Redis servers of their own, so the binary is needed even where a Redis
+# is already running.
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "installing Redis" >&2
+    apt_install redis-server
+fi
 if ! port_open 6379; then
-    if ! command -v redis-server >/dev/null 2>&1; then
-        echo "installing Redis" >&2
-        apt_install redis-server
-    fi
     echo "starting Redis" >&2
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
     wait_port 6379

@@ -3,6 +3,7 @@ and `mbatch api` / `mbatch worker` processes started as a user starts them."""
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,16 +95,45 @@ class Process:
         self.log.close()
 
 
-def start_s3_server(log_dir: Path) -> tuple[Process, str]:
-    port = free_port()
+def start_s3_server(
+    log_dir: Path, port: int | None = None, name: str = "moto"
+) -> tuple[Process, str]:
+    """moto's standalone server; on `port` to start it again where its clients look for it
+    (it keeps everything in memory, so a restarted one is empty)."""
+    port = port or free_port()
     env = {**os.environ}
     proc = Process(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env,
-        log_dir / "moto.log",
+        log_dir / f"{name}.log",
     )
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(url + "/moto-api/").status_code < 500, 30, "the S3 server")
+    return proc, url
+
+
+def start_redis_server(log_dir: Path, port: int | None = None) -> tuple[Process, str]:
+    """A Redis of the test's own that keeps nothing on disk: one started again on the same
+    port is empty, as after a crash with persistence off."""
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("these tests start Redis servers of their own: install redis-server")
+    port = port or free_port()
+    proc = Process(
+        [
+            "redis-server",
+            *("--port", str(port), "--bind", "127.0.0.1"),
+            *("--save", "", "--appendonly", "no", "--dir", str(log_dir)),
+        ],
+        {**os.environ},
+        log_dir / "redis.log",
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def answers() -> bool:
+        with redis.Redis.from_url(url) as client:
+            return bool(client.ping())
+
+    wait_for(answers, 30, "the Redis server")
     return proc, url
 
 

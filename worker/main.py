@@ -54,6 +54,10 @@ def run_worker(model: str, weights: Path | None = None, loglevel: str = "INFO") 
             loglevel=loglevel,
             without_gossip=True,
             without_mingle=True,
+            # Nothing listens for heartbeat events, and with the broker down the event loop
+            # retries sending one without end: the worker never reaches its reconnect path
+            # and ignores SIGTERM until the broker is back.
+            without_heartbeat=True,
         ).start()
     finally:
         runtime.stop()

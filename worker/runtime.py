@@ -22,7 +22,7 @@ from jobs.queue import JobQueue
 from jobs.sampling import SamplingParams
 from jobs.service import publish
 from jobs.settings import Settings
-from jobs.storage import Storage
+from jobs.storage import Storage, StorageUnavailable
 from jobs.tokenizer import encode_job_input
 from worker.engine.batching import plan_groups, select_batch
 from worker.engine.decode import CANCELLED, Generation, generate
@@ -303,7 +303,8 @@ class WorkerRuntime:
 
     def _record(self, row: _ClaimedRow, generation: Generation) -> bool:
         """Record one result. A job whose result cannot be stored fails alone, at once; one
-        whose database or storage is away for a moment is given back to run again."""
+        whose database or storage is away for a moment is given back to run again, without
+        spending an attempt."""
         if generation.finish_reason == CANCELLED:
             log.info("job %s was cancelled or reclaimed mid-decode; stopped", row.claim.job.id)
             return False
@@ -313,8 +314,16 @@ class WorkerRuntime:
                     return True
                 log.info("job %s was cancelled or reclaimed; result dropped", row.claim.job.id)
                 return False
-        except (OperationalError, BotoCoreError, ClientError, OSError) as exc:
+        except (OperationalError, StorageUnavailable):
+            # An outage of ours: the job did nothing wrong, so however long it lasts, running
+            # the job again costs it no attempt.
             log.exception("could not record job %s for now; giving it back", row.claim.job.id)
+            with self.session_scope() as session:
+                publish(session, self.queue, queries.return_claims(session, [row.claim]))
+            return False
+        except (BotoCoreError, ClientError, OSError) as exc:
+            # Refused by storage (access denied, say): tried again, but within max_attempts.
+            log.exception("could not store job %s's result; giving it back", row.claim.job.id)
             self._give_back([row.claim], repr(exc))
             return False
         except Exception as exc:

@@ -12,7 +12,7 @@ from transformers.utils import logging as hf_logging
 from jobs.registry import ModelSpec
 from jobs.settings import Settings
 from jobs.tokenizer import MistralTokenizer, v1_tokenizer
-from worker.engine.tiny import make_tiny_model
+from worker.engine.tiny import is_complete, make_tiny_model
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -49,7 +49,7 @@ def weights_source(spec: ModelSpec, settings: Settings, weights: Path | None) ->
     if weights is not None:
         return str(weights)
     local = settings.models_dir / spec.name
-    if spec.builtin and not (local / "config.json").exists():
+    if spec.builtin and not is_complete(local):
         log.info("building %s in %s", spec.name, local)
         make_tiny_model(local)
     if local.exists():

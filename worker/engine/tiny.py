@@ -1,6 +1,7 @@
 """`mbatch make-tiny-model`: a real MistralForCausalLM with random weights and the v1 tokenizer."""
 
 import json
+import secrets
 import shutil
 import tempfile
 from importlib import resources
@@ -40,11 +41,45 @@ TOKENIZER_CONFIG = {
 }
 
 
+# What a finished build holds; a folder without all of them is not a model to load.
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer.model")
+
+
+def is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in MODEL_FILES)
+
+
 def make_tiny_model(directory: Path, seed: int = 0, **config_overrides: Any) -> Path:
     """Write a Hugging Face model folder that `from_pretrained` loads; returns the folder.
 
-    `config_overrides` change the shape (the benchmarks use a wider one)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    `config_overrides` change the shape (the benchmarks use a wider one). The folder appears
+    whole or not at all: callers take any folder with a `config.json` as a finished model, so
+    a build that dies midway must not leave one behind. It is built beside the target, in the
+    same parent so that the final rename is atomic, and a complete folder already there is
+    kept as it is."""
+    if is_complete(directory):
+        return directory
+    if directory.exists() and any(directory.iterdir()):
+        # Never written by this function (its folders appear complete): not ours to delete.
+        raise FileExistsError(f"{directory} exists and is not a complete model folder")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir rather than mkdtemp, which would leave the finished folder readable by us alone.
+    staging = directory.parent / f".{directory.name}.building-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        _build(staging, seed, config_overrides)
+        try:
+            # Replaces an empty folder; fails if another build finished first.
+            staging.rename(directory)
+        except OSError:
+            if not is_complete(directory):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _build(directory: Path, seed: int, config_overrides: dict[str, Any]) -> None:
     torch.manual_seed(seed)
     config = MistralConfig(**{**TINY_CONFIG, **config_overrides})
     model = MistralForCausalLM(config)
@@ -56,7 +91,6 @@ def make_tiny_model(directory: Path, seed: int = 0, **config_overrides: Any) -> 
                 param.normal_(0.0, 0.3)
     model.save_pretrained(directory, safe_serialization=True)
     save_tokenizer(directory)
-    return directory
 
 
 def save_tokenizer(directory: Path) -> None:
