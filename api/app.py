@@ -6,7 +6,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.middleware import BodySizeLimit, DefaultJsonContentType
+from api.middleware import BodySizeLimit, DefaultJsonContentType, RefuseNul
+from api.openapi import install_openapi
 from api.routes import batches, files, health, jobs, loras
 from jobs.queue import CeleryJobQueue
 from jobs.settings import Settings, get_settings
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/v1/files": settings.max_file_bytes + 1024 * 1024,
     }
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, uploads=uploads)
+    app.add_middleware(RefuseNul)
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
     app.include_router(health.router)
@@ -45,4 +47,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(loras.router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    install_openapi(app)
     return app

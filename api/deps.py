@@ -3,7 +3,8 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from jobs.db import get_session_factory
@@ -26,11 +27,22 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_owner(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> str:
-    secret = None
-    if authorization and authorization.lower().startswith("bearer "):
-        secret = authorization[7:].strip()
-    return authenticate(session, secret)
+# auto_error=False: FastAPI's own refusal is `{"detail": ...}` (a 403 in its older
+# releases); `authenticate` answers a missing or wrong key with our 401 `{"error": ...}`.
+# Depending on the scheme is what puts it in the OpenAPI document, on every route that asks
+# for an owner.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from `mbatch keys create`: `Authorization: Bearer <key>`.",
+)
+
+
+def get_owner(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> str:
+    return authenticate(session, credentials.credentials if credentials else None)
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -109,7 +109,9 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MbatchError)
     async def _domain(_: Request, exc: MbatchError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message, exc.param)
+        # A 401 says which scheme would be accepted (RFC 9110).
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return error_response(exc.status_code, exc.code, exc.message, exc.param, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -120,8 +122,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps it while reading the body
             return error_response(413, "payload_too_large", str(exc.__cause__))
         codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        # Starlette's own headers are kept: a 405 names the methods allowed (`Allow`).
         return error_response(
-            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            headers=exc.headers,
         )
 
     async def _outage(_: Request, exc: Exception) -> JSONResponse:

@@ -275,3 +275,14 @@ def test_a_batch_body_follows_the_same_text_and_type_rules(
     response = post(client, alice, body, "/v1/batches")
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] in body
+
+
+def test_a_405_names_the_allowed_methods_and_a_401_the_scheme(
+    client: TestClient, alice: dict[str, str]
+) -> None:
+    wrong_method = client.delete("/v1/jobs", headers=alice)
+    assert wrong_method.status_code == 405
+    assert "POST" in wrong_method.headers["allow"]
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    no_key = client.get("/v1/jobs/job_x")
+    assert no_key.status_code == 401 and no_key.headers["www-authenticate"] == "Bearer"
