@@ -1,6 +1,7 @@
 """The one place where errors become HTTP responses: `{"error": {code, message, param}}`."""
 
 import logging
+from collections.abc import Mapping
 
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
@@ -39,7 +40,7 @@ def error_response(
     code: str,
     message: str,
     param: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
         status_code=status_code,

@@ -57,9 +57,11 @@ def s3_url(log_dir: Path) -> Iterator[str]:
 BUCKET = "mbatch-test"
 
 
-@pytest.fixture(scope="session")
-def stack_env(database_url: str, broker_url: str, s3_url: str, models_dir: Path) -> dict[str, str]:
-    """The environment a deployment would give the API and the workers."""
+def service_env(
+    database_url: str, broker_url: str, s3_url: str, models_dir: Path
+) -> dict[str, str]:
+    """The environment a deployment would give the API and the workers: where the services
+    are, and the model."""
     return {
         **os.environ,
         "MBATCH_DATABASE_URL": database_url,
@@ -68,6 +70,14 @@ def stack_env(database_url: str, broker_url: str, s3_url: str, models_dir: Path)
         "MBATCH_S3_ENDPOINT_URL": s3_url,
         "MBATCH_MODELS_DIR": str(models_dir),
         "MBATCH_MODEL": "tiny-random-mistral",
+    }
+
+
+@pytest.fixture(scope="session")
+def stack_env(database_url: str, broker_url: str, s3_url: str, models_dir: Path) -> dict[str, str]:
+    """The shared stack's environment, tuned so that the tests see faults within seconds."""
+    return {
+        **service_env(database_url, broker_url, s3_url, models_dir),
         # Short leases and frequent maintenance, so a dead worker is noticed within seconds.
         "MBATCH_LEASE_SECONDS": "4",
         "MBATCH_MAINTENANCE_INTERVAL_SECONDS": "1",

@@ -3,7 +3,6 @@ back empty, an S3 server that dies and comes back. Each test has a stack of its 
 worker, Redis, database), so that no other test's worker claims its jobs, and ends with every
 job succeeded and recorded once, as Postgres counts it."""
 
-import os
 import re
 import time
 from collections import Counter
@@ -17,7 +16,7 @@ import psycopg
 import pytest
 
 from tests import services
-from tests.conftest import BUCKET, Stack, create_key
+from tests.conftest import BUCKET, Stack, create_key, service_env
 
 # Every change of a job's status or finish time, written by Postgres itself as it happens:
 # the tests count recorded results here, not in what the processes say they did.
@@ -81,14 +80,8 @@ def fault_env(
     database_url: str, broker_url: str, s3_url: str, models_dir: Path, **extra: str
 ) -> dict[str, str]:
     return {
-        **os.environ,
+        **service_env(database_url, broker_url, s3_url, models_dir),
         **S3_ENV,
-        "MBATCH_DATABASE_URL": database_url,
-        "MBATCH_BROKER_URL": broker_url,
-        "MBATCH_STORAGE_URL": f"s3://{BUCKET}/data",
-        "MBATCH_S3_ENDPOINT_URL": s3_url,
-        "MBATCH_MODELS_DIR": str(models_dir),
-        "MBATCH_MODEL": "tiny-random-mistral",
         # No worker dies here: a lease that cannot lapse on a busy machine keeps every claim
         # beyond the first down to the fault under test.
         "MBATCH_LEASE_SECONDS": "60",
