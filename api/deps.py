@@ -1,13 +1,15 @@
 """Dependencies the route handlers ask for by type."""
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Annotated
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from jobs.db import get_session_factory
+from jobs.db import get_session_factory, session_scope
 from jobs.keys import authenticate
 from jobs.queue import JobQueue
 from jobs.settings import Settings, get_settings
@@ -25,6 +27,14 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_scope(settings: SettingsDep) -> Callable[[], AbstractContextManager[Session]]:
+    """Sessions of their own, for work that runs after the response (a batch's steps)."""
+    return functools.partial(session_scope, settings.database_url)
+
+
+ScopeDep = Annotated[Callable[[], AbstractContextManager[Session]], Depends(get_scope)]
 
 
 # auto_error=False: FastAPI's own refusal is `{"detail": ...}` (a 403 in its older

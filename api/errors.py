@@ -3,17 +3,16 @@
 import logging
 from collections.abc import Mapping
 
-import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.middleware import BodyTooLarge
 from jobs import storage
 from jobs.errors import MbatchError, describe, main_error
+from jobs.outages import DATABASE_ERRORS, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +20,7 @@ log = logging.getLogger(__name__)
 # hammer a service that is coming back, short enough that a blip costs little.
 RETRY_AFTER_SECONDS = 5
 
-# Errors that mean Postgres cannot serve for now: refused or lost connections, a server
-# shutting down or out of resources, timeouts, deadlocks; all worth trying again.
-_DATABASE_DOWN = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.DisconnectionError,
-    sa_exc.TimeoutError,  # no pooled connection came free in time
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-)
-# What storage raises; `storage.is_unavailable` tells its outages from its other errors.
+# What storage raises; `jobs.outages.unavailable` tells its outages from its other errors.
 _STORAGE_ERRORS = (storage.StorageUnavailable, BotoCoreError, ClientError)
 
 
@@ -47,31 +36,6 @@ def error_response(
         content={"error": {"code": code, "message": message, "param": param}},
         headers=headers,
     )
-
-
-def _database_down(exc: BaseException) -> bool:
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    if not isinstance(exc, _DATABASE_DOWN):
-        return False
-    # Postgres files "program limit exceeded" (an index row or a statement too large) under
-    # the same class as an outage; that is the statement's fault, and retrying cannot help.
-    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
-    return not str(getattr(orig, "sqlstate", None) or "").startswith("54")
-
-
-def unavailable(exc: BaseException) -> str | None:
-    """What is down, when `exc` (or an error it was raised from) means Postgres or object
-    storage cannot serve for now; None for anything else: a bug, a missing object, or
-    the caller's own fault."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if _database_down(cause):
-            return "the database"
-        if storage.is_unavailable(cause):
-            return "object storage"
-        cause = cause.__cause__
-    return None
 
 
 def _internal(exc: Exception) -> JSONResponse:
@@ -136,7 +100,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Registered by class, outages are answered where they are caught, in the route or in a
     # dependency (the session's authentication included), like any other handled error.
-    for error in (*_DATABASE_DOWN, *_STORAGE_ERRORS):
+    for error in (*DATABASE_ERRORS, *_STORAGE_ERRORS):
         app.add_exception_handler(error, _outage)
 
     @app.exception_handler(Exception)

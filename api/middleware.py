@@ -92,8 +92,10 @@ def _nul_in(scope: Scope) -> str | None:
     """The first part of the request (`path`, a query parameter, a header) that holds NUL."""
     if "\x00" in scope.get("path", ""):
         return "path"
-    query = scope.get("query_string", b"").decode("latin-1")
-    for key, value in parse_qsl(query, keep_blank_values=True):
+    raw_query = scope.get("query_string", b"")
+    if b"%00" not in raw_query and b"\x00" not in raw_query:
+        raw_query = b""  # the common case: nothing to decode
+    for key, value in parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True):
         if "\x00" in key or "\x00" in value:
             return key.replace("\x00", "") or "query"
     for name, value in scope.get("headers") or []:

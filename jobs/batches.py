@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from jobs import files
@@ -30,16 +31,17 @@ from jobs.db import add_once
 from jobs.errors import Conflict, InvalidParameter, MbatchError, NotFound, describe, main_error
 from jobs.loras import adapter_for_job
 from jobs.models import Batch, BatchStatus, FileObject, Job, JobStatus, LineError
+from jobs.outages import unavailable
 from jobs.pricing import price
 from jobs.queue import JobQueue
 from jobs.registry import ModelSpec, resolve_model
 from jobs.schemas.base import storable_text
 from jobs.schemas.batches import BatchCreate, BatchEstimate, RequestCounts
-from jobs.schemas.jobs import response_text
+from jobs.schemas.jobs import RESULT_UNAVAILABLE, response_text
 from jobs.schemas.openai import BatchLine
 from jobs.service import PreparedJob, prepare_openai
 from jobs.settings import Settings
-from jobs.storage import Storage
+from jobs.storage import Storage, StorageUnavailable
 from jobs.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = {"24h": 24 * 3600}
 STEP_LEASE = timedelta(minutes=5)
 UNFINISHED = (JobStatus.scheduled, JobStatus.queued, JobStatus.running)
-RESULT_LOST = "result_unavailable"
+RENEW_EVERY_LINES = 1000
 # Validation of an abandoned batch is taken up by maintenance only after this long, so the
 # API process that accepted the batch normally does it.
 VALIDATION_GRACE = timedelta(seconds=60)
@@ -128,11 +130,12 @@ class LineChecker:
     def check(self, number: int, raw: bytes | None) -> ValidLine | InvalidLine:
         try:
             return self._check(number, raw)
+        except (SQLAlchemyError, StorageUnavailable):
+            raise  # the database or storage failed, not the line: the step is tried again
         except Exception as exc:  # a line we did not foresee fails alone, not its batch
             log.warning("line %d could not be checked", number, exc_info=True)
-            return InvalidLine(
-                number, None, "invalid_request", f"line {number}: could not be read ({exc!r})"
-            )
+            message = f"line {number}: could not be read ({type(exc).__name__})"
+            return InvalidLine(number, None, "invalid_request", message)
 
     def _check(self, number: int, raw: bytes | None) -> ValidLine | InvalidLine:
         custom_id: str | None = None
@@ -318,69 +321,137 @@ def _lease_free(now: datetime) -> ColumnElement[bool]:
     return or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now)
 
 
+@dataclass
+class Step:
+    """A batch's step (validating, finalizing) as one call runs it. Taking it sets a token on
+    the batch row; only the token's holder renews the step's lease, ends the step or records
+    its failure, so a process that lost the step (its lease lapsed and another took it) can
+    no longer act on the batch."""
+
+    batch_id: str
+    name: str
+    token: str | None = None
+
+    def held(self) -> tuple[ColumnElement[bool], ...]:
+        return (Batch.id == self.batch_id, Batch.step_token == self.token)
+
+
+# The attempt-based pause never grows past this.
+MAX_STEP_PAUSE = timedelta(hours=6)
+# Fields that start afresh whenever a batch moves to another step.
+STEP_RESET: dict[str, Any] = {
+    "lease_expires_at": None,
+    "step_token": None,
+    "step_attempts": 0,
+    "step_error": None,
+}
+
+
 def _take_step(
-    session: Session, settings: Settings, batch_id: str, statuses: Iterable[BatchStatus]
+    session: Session, settings: Settings, step: Step, statuses: Iterable[BatchStatus]
 ) -> Batch | None:
-    """Take the batch's step lease if it is in one of `statuses` and nobody holds it. A step
-    taken as often as it may be without ever ending (its process died each time) ends the
-    batch instead."""
-    now = utcnow()
+    """Take the batch's step if it is in one of `statuses` and nobody holds it. A step taken
+    as often as it may be without ever ending (its process died each time) ends the batch."""
+    now, token = utcnow(), secrets.token_hex(16)
     taken = session.execute(
         update(Batch)
-        .where(Batch.id == batch_id, Batch.status.in_(list(statuses)), _lease_free(now))
-        .values(lease_expires_at=now + STEP_LEASE, step_attempts=Batch.step_attempts + 1)
+        .where(Batch.id == step.batch_id, Batch.status.in_(list(statuses)), _lease_free(now))
+        .values(
+            lease_expires_at=now + STEP_LEASE,
+            step_token=token,
+            step_attempts=Batch.step_attempts + 1,
+        )
     )
     session.commit()
     if taken.rowcount != 1:  # type: ignore[attr-defined]
         return None
+    step.token = token
     batch = session.scalars(
-        select(Batch).where(Batch.id == batch_id).execution_options(populate_existing=True)
+        select(Batch).where(*step.held()).execution_options(populate_existing=True)
     ).one()
     if batch.step_attempts > settings.batch_step_attempts:
-        _give_up(session, batch)
+        _give_up(session, batch, tries=batch.step_attempts - 1)  # this take does not run
         session.commit()
         return None
     return batch
 
 
+def _renew_step(scope: SessionScope, step: Step) -> bool:
+    """Keep a long step's lease; False once the step is no longer ours."""
+    with scope() as session:
+        renewed = session.execute(
+            update(Batch).where(*step.held()).values(lease_expires_at=utcnow() + STEP_LEASE)
+        )
+        session.commit()
+        return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
+
+
 @contextmanager
 def _step_guard(
-    scope: SessionScope, settings: Settings, batch_id: str, step: str
-) -> Iterator[None]:
-    """A step that raises is logged and tried again later, after a pause that grows with
-    each failure, and never breaks whoever called it: one batch's failure does not stop
-    another batch's step in the same pass. Past its tries, the batch ends `failed`."""
+    scope: SessionScope, settings: Settings, batch_id: str, name: str
+) -> Iterator[Step]:
+    """Runs a step so that an error never breaks whoever called it: one batch's failure
+    does not stop another batch's step in the same pass. The failure is recorded on the
+    batch, which tries the step again later (see `_step_failed`)."""
+    step = Step(batch_id, name)
     try:
-        yield
+        yield step
     except Exception as exc:
-        log.exception("batch %s: %s failed", batch_id, step)
+        log.exception("batch %s: %s failed", batch_id, name)
+        if step.token is None:
+            return  # failed before it took the step: nothing of the batch's to record
         try:
             with scope() as session:
-                _step_failed(session, settings, batch_id, f"{step} failed: {exc!r}")
+                _step_failed(session, settings, step, exc)
         except Exception:  # the database is away too: the lease lapses and it runs again
-            log.exception("batch %s: could not record that %s failed", batch_id, step)
+            log.exception("batch %s: could not record that %s failed", batch_id, name)
 
 
-def _step_failed(session: Session, settings: Settings, batch_id: str, reason: str) -> None:
-    batch = session.scalar(select(Batch).where(Batch.id == batch_id).with_for_update())
+def _public_reason(exc: BaseException) -> str:
+    """Why a step failed, as the batch's owner may read it: no SQL, hosts or traces."""
+    if isinstance(exc, MbatchError):
+        return exc.message
+    return f"an internal error ({type(exc).__name__})"
+
+
+def _step_failed(session: Session, settings: Settings, step: Step, exc: BaseException) -> None:
+    """An outage of ours is waited out, at a steady pace, and does not count as a try. Any
+    other failure is tried again after a pause that grows fourfold with each try; past
+    `batch_step_attempts` tries the batch ends `failed`, saying why."""
+    batch = session.scalar(select(Batch).where(*step.held()).with_for_update())
     if batch is None or batch.status.finished:
-        return
-    batch.step_error = _clip(reason, MAX_MESSAGE_CHARS)
-    if batch.step_attempts >= settings.batch_step_attempts:
-        _give_up(session, batch)
+        return  # no longer ours to judge
+    batch.step_token = None
+    down = unavailable(exc)
+    if down is not None:
+        batch.step_attempts -= 1
+        batch.step_error = f"{step.name} is waiting: {down} is unavailable"
+        pause = timedelta(seconds=settings.batch_step_retry_seconds)
     else:
-        pause = settings.batch_step_retry_seconds * 4 ** max(batch.step_attempts - 1, 0)
-        batch.lease_expires_at = utcnow() + timedelta(seconds=pause)
+        batch.step_error = _clip(f"{step.name} failed: {_public_reason(exc)}", MAX_MESSAGE_CHARS)
+        if batch.step_attempts >= settings.batch_step_attempts:
+            _give_up(session, batch, tries=batch.step_attempts)
+            session.commit()
+            return
+        growth = 4 ** min(max(batch.step_attempts - 1, 0), 16)
+        pause = min(timedelta(seconds=settings.batch_step_retry_seconds * growth), MAX_STEP_PAUSE)
+    batch.lease_expires_at = utcnow() + pause
     session.commit()
 
 
-def _give_up(session: Session, batch: Batch) -> None:
-    """The batch ends `failed`, saying why; its lines that have not ended are cancelled."""
+def _give_up(session: Session, batch: Batch, tries: int) -> None:
+    """The batch ends `failed`, saying why; its lines that have not ended are cancelled, and
+    its counts keep the lines that did."""
     why = batch.step_error or "the process working on it stopped each time"
-    message = f"the batch could not be processed in {batch.step_attempts} tries: {why}"
-    batch.status, batch.failed_at, batch.lease_expires_at = BatchStatus.failed, utcnow(), None
-    batch.errors = [{"code": "batch_processing_failed", "message": message}]
+    message = f"the batch could not be processed in {tries} tries: {why}"
     _stop_jobs(session, batch.id, "batch_failed", message)
+    counts = job_counts(session, batch.id)
+    batch.completed = counts.get(JobStatus.succeeded, 0)
+    batch.failed = batch.invalid + counts.get(JobStatus.failed, 0)
+    batch.failed += counts.get(JobStatus.cancelled, 0)
+    batch.status, batch.failed_at = BatchStatus.failed, utcnow()
+    batch.lease_expires_at = batch.step_token = None
+    batch.errors = [{"code": "batch_processing_failed", "message": message}]
     log.error("batch %s failed: %s", batch.id, message)
 
 
@@ -420,26 +491,31 @@ def validate_batch(
     """The batch's `validating` step: each line checked, good lines enqueued as jobs in
     chunks, bad lines recorded with their line number and why. Ends `in_progress`, or
     `failed` when no line was good."""
-    with _step_guard(scope, settings, batch_id, "validation"):
-        _validate(scope, storage, queue, settings, batch_id)
+    with _step_guard(scope, settings, batch_id, "validation") as step:
+        _validate(scope, storage, queue, settings, step)
 
 
 def _validate(
-    scope: SessionScope, storage: Storage, queue: JobQueue, settings: Settings, batch_id: str
+    scope: SessionScope, storage: Storage, queue: JobQueue, settings: Settings, step: Step
 ) -> None:
     with scope() as session:
-        batch = _take_step(session, settings, batch_id, [BatchStatus.validating])
+        batch = _take_step(session, settings, step, [BatchStatus.validating])
         if batch is None:
             return
         session.expunge(batch)
         file = session.get(FileObject, batch.input_file_id)
         if file is not None:
             session.expunge(file)
-    total = invalid = 0
     if file is None:
-        _fail(scope, batch, [{"code": "file_not_found", "message": "the input file was deleted"}])
+        _fail(scope, step, "file_not_found", "the input file was deleted")
         return
-    with scope() as session, files.open_stored(storage, file, "input_file_id") as stream:
+    try:
+        stream = files.open_stored(storage, file, "input_file_id")
+    except files.ContentUnavailable as gone:  # for good: no try would find it
+        _fail(scope, step, gone.code, gone.message)
+        return
+    total = invalid = 0
+    with scope() as session, stream:
         checker = LineChecker(batch.endpoint, settings, owner_adapters(session, batch.owner))
         pending: list[ValidLine | InvalidLine] = []
         for result in check_file(stream, checker, settings.max_request_bytes):
@@ -447,27 +523,21 @@ def _validate(
             invalid += isinstance(result, InvalidLine)
             pending.append(result)
             if len(pending) >= settings.batch_chunk_lines:
-                if not _enqueue(session, queue, settings, batch, pending):
-                    return  # cancelled or expired meanwhile
+                if not _enqueue(session, queue, settings, batch, step, pending):
+                    return  # cancelled, expired or taken over meanwhile
                 pending = []
-        if not _enqueue(session, queue, settings, batch, pending):
+        if not _enqueue(session, queue, settings, batch, step, pending):
             return
     with scope() as session:
         now = utcnow()
-        values: dict[str, Any] = {
-            "total": total,
-            "invalid": invalid,
-            "lease_expires_at": None,
-            "step_attempts": 0,
-            "step_error": None,
-        }
+        values: dict[str, Any] = {"total": total, "invalid": invalid, **STEP_RESET}
         if total == invalid:
             values.update(status=BatchStatus.finalizing, finalizing_at=now)
         else:
             values.update(status=BatchStatus.in_progress, in_progress_at=now)
         session.execute(
             update(Batch)
-            .where(Batch.id == batch.id, Batch.status == BatchStatus.validating)
+            .where(*step.held(), Batch.status == BatchStatus.validating)
             .values(**values)
         )
         session.commit()
@@ -482,11 +552,13 @@ def _enqueue(
     queue: JobQueue,
     settings: Settings,
     batch: Batch,
+    step: Step,
     results: list[ValidLine | InvalidLine],
 ) -> bool:
-    """Record one chunk of checked lines, if the batch is still validating; then wake the
-    workers, one message per batch's worth of jobs (a message only says there is work)."""
-    status = session.scalar(select(Batch.status).where(Batch.id == batch.id).with_for_update())
+    """Record one chunk of checked lines, if the batch is still validating and the step
+    still ours (its lease renewed with it); then wake the workers, one message per batch's
+    worth of jobs (a message only says there is work)."""
+    status = session.scalar(select(Batch.status).where(*step.held()).with_for_update())
     if status != BatchStatus.validating:
         session.rollback()
         return False
@@ -506,7 +578,7 @@ def _enqueue(
     _insert_ignoring_duplicates(session, Job.__table__, jobs)
     _insert_ignoring_duplicates(session, LineError.__table__, errors)
     session.execute(
-        update(Batch).where(Batch.id == batch.id).values(lease_expires_at=utcnow() + STEP_LEASE)
+        update(Batch).where(*step.held()).values(lease_expires_at=utcnow() + STEP_LEASE)
     )
     session.commit()
     for model in {job["model"] for job in jobs}:
@@ -520,16 +592,17 @@ def _enqueue(
     return True
 
 
-def _fail(scope: SessionScope, batch: Batch, errors: list[dict[str, Any]]) -> None:
+def _fail(scope: SessionScope, step: Step, code: str, message: str) -> None:
+    """The batch cannot be validated, and no try would change that: it ends `failed`."""
     with scope() as session:
         session.execute(
             update(Batch)
-            .where(Batch.id == batch.id)
+            .where(*step.held(), Batch.status == BatchStatus.validating)
             .values(
                 status=BatchStatus.failed,
                 failed_at=utcnow(),
-                errors=errors,
-                lease_expires_at=None,
+                errors=[{"code": code, "message": message}],
+                **STEP_RESET,
             )
         )
         session.commit()
@@ -599,15 +672,17 @@ def cancel_batch(session: Session, batch: Batch) -> Batch:
     """Stop a batch: it is `cancelling` until its files are written, then `cancelled`."""
     if batch.status.finished:
         raise Conflict(f"batch {batch.id} has already ended ({batch.status.value})", param="id")
-    if batch.status != BatchStatus.cancelling:
-        session.execute(
-            update(Batch)
-            .where(Batch.id == batch.id)
-            .values(status=BatchStatus.cancelling, cancelling_at=utcnow(), lease_expires_at=None)
-        )
+    # A finalizing batch has no line left to stop: it ends as it would have.
+    stoppable = [BatchStatus.validating, BatchStatus.in_progress]
+    stopped = session.execute(
+        update(Batch)
+        .where(Batch.id == batch.id, Batch.status.in_(stoppable))
+        .values(status=BatchStatus.cancelling, cancelling_at=utcnow(), **STEP_RESET)
+    )
+    if stopped.rowcount == 1:  # type: ignore[attr-defined]
         _stop_jobs(session, batch.id, "batch_cancelled", "the batch was cancelled")
-        session.commit()
-        session.refresh(batch)
+    session.commit()
+    session.refresh(batch)
     return batch
 
 
@@ -633,7 +708,7 @@ def enforce_max_cost(session: Session, batch_ids: Iterable[str]) -> list[str]:
             .values(
                 status=BatchStatus.cancelling,
                 cancelling_at=utcnow(),
-                lease_expires_at=None,
+                **STEP_RESET,
                 errors=[{"code": "max_cost_reached", "message": message}],
             )
         )
@@ -645,28 +720,30 @@ def enforce_max_cost(session: Session, batch_ids: Iterable[str]) -> list[str]:
 
 def expire_due(session: Session) -> list[str]:
     """Batches past their completion window stop; their files hold what finished."""
-    due = list(
-        session.scalars(
-            select(Batch.id).where(
-                Batch.status.in_([BatchStatus.validating, BatchStatus.in_progress]),
-                Batch.expires_at < utcnow(),
-            )
-        )
-    )
+    running = [BatchStatus.validating, BatchStatus.in_progress]
+    # In one order everywhere, so that two maintenance passes never wait on each other.
+    due = session.scalars(
+        select(Batch.id)
+        .where(Batch.status.in_(running), Batch.expires_at < utcnow())
+        .order_by(Batch.id)
+    ).all()
+    expired = []
     for batch_id in due:
-        session.execute(
+        moved = session.execute(
             update(Batch)
-            .where(Batch.id == batch_id)
+            .where(Batch.id == batch_id, Batch.status.in_(running))
             .values(
                 status=BatchStatus.finalizing,
                 expired_at=utcnow(),
                 finalizing_at=utcnow(),
-                lease_expires_at=None,
+                **STEP_RESET,
             )
         )
-        _stop_jobs(session, batch_id, "batch_expired", "the batch's completion window ended")
+        if moved.rowcount == 1:  # type: ignore[attr-defined]
+            _stop_jobs(session, batch_id, "batch_expired", "the batch's completion window ended")
+            expired.append(batch_id)
     session.commit()
-    return due
+    return expired
 
 
 # --- finalizing: output and error files --------------------------------------------------
@@ -676,8 +753,8 @@ def finalize(scope: SessionScope, storage: Storage, settings: Settings, batch_id
     """Write the output and error files of a batch whose lines have all ended, and give it
     its final status. False where there is nothing to do yet."""
     done = False
-    with _step_guard(scope, settings, batch_id, "finalizing"):
-        done = _finalize(scope, storage, settings, batch_id)
+    with _step_guard(scope, settings, batch_id, "finalizing") as step:
+        done = _finalize(scope, storage, settings, step)
     return done
 
 
@@ -697,6 +774,8 @@ def _begin_finalizing(session: Session, batch_id: str) -> None:
     under the batch row's lock: of two workers that record its last two lines at once, the
     second looks after the first has, sees both lines ended, and the batch moves on at once
     rather than at the next maintenance pass."""
+    if _unfinished_lines(session, batch_id):
+        return  # the common case, after each static batch: no lock taken
     batch = session.scalar(
         select(Batch)
         .where(Batch.id == batch_id, Batch.status == BatchStatus.in_progress)
@@ -707,11 +786,11 @@ def _begin_finalizing(session: Session, batch_id: str) -> None:
     session.commit()
 
 
-def _finalize(scope: SessionScope, storage: Storage, settings: Settings, batch_id: str) -> bool:
+def _finalize(scope: SessionScope, storage: Storage, settings: Settings, step: Step) -> bool:
     with scope() as session:
-        _begin_finalizing(session, batch_id)
+        _begin_finalizing(session, step.batch_id)
         batch = _take_step(
-            session, settings, batch_id, [BatchStatus.finalizing, BatchStatus.cancelling]
+            session, settings, step, [BatchStatus.finalizing, BatchStatus.cancelling]
         )
         if batch is None:
             return False
@@ -727,8 +806,10 @@ def _finalize(scope: SessionScope, storage: Storage, settings: Settings, batch_i
 
     with scope() as session:
         lost: list[tuple[int, dict[str, Any]]] = []
-        output_id, completed = _write_output(session, storage, batch, lost)
-        error_id, failed = _write_errors(session, storage, batch, lost)
+        output = _output_lines(session, storage, batch, lost)
+        output_id, completed = _write_file(session, storage, scope, step, batch, "output", output)
+        errors = _error_lines(session, batch, lost)
+        error_id, failed = _write_file(session, storage, scope, step, batch, "errors", errors)
         values: dict[str, Any] = {
             "status": final,
             f"{final.value}_at": utcnow(),
@@ -736,7 +817,7 @@ def _finalize(scope: SessionScope, storage: Storage, settings: Settings, batch_i
             "error_file_id": error_id,
             "completed": completed,
             "failed": failed,
-            "lease_expires_at": None,
+            **STEP_RESET,
         }
         if final == BatchStatus.failed:
             first = session.scalars(
@@ -749,24 +830,41 @@ def _finalize(scope: SessionScope, storage: Storage, settings: Settings, batch_i
                 {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
                 for e in first
             ]
-        session.execute(update(Batch).where(Batch.id == batch.id).values(**values))
+        ended = session.execute(
+            update(Batch)
+            .where(*step.held(), Batch.status.in_([BatchStatus.finalizing, BatchStatus.cancelling]))
+            .values(**values)
+        )
         session.commit()
+    if ended.rowcount != 1:  # type: ignore[attr-defined]
+        log.warning("batch %s: finalizing was taken over; its files are the other's", batch.id)
+        return False
     log.info("batch %s %s: %d completed, %d failed", batch.id, final.value, completed, failed)
     return True
+
+
+class StepTakenOver(Exception):
+    """The step's lease lapsed and another process took it: this one stops."""
 
 
 def _write_file(
     session: Session,
     storage: Storage,
+    scope: SessionScope,
+    step: Step,
     batch: Batch,
     kind: str,
     lines: Iterable[dict[str, Any]],
 ) -> tuple[str | None, int]:
+    """One of the batch's files. Writing a large batch's file out takes longer than a lease
+    lasts, so the step's lease is renewed as it goes."""
     count = 0
     with tempfile.TemporaryFile() as out:
         for line in lines:
             out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
             count += 1
+            if count % RENEW_EVERY_LINES == 0 and not _renew_step(scope, step):
+                raise StepTakenOver(f"batch {batch.id}: {step.name} was taken over")
         if not count:
             return None, 0
         out.seek(0)
@@ -788,29 +886,30 @@ def _jobs_of(session: Session, batch_id: str, *condition: Any) -> Iterator[Job]:
     yield from session.scalars(query)
 
 
-def _write_output(
+def _output_lines(
     session: Session, storage: Storage, batch: Batch, lost: list[tuple[int, dict[str, Any]]]
-) -> tuple[str | None, int]:
-    """The output file; a line whose stored result is gone is added to `lost`, as the error
-    line it becomes, rather than failing the whole file (an outage still raises)."""
+) -> Iterator[dict[str, Any]]:
+    """The output file's lines; a line whose stored result is gone or unreadable is added to
+    `lost`, as the error line it becomes, rather than failing the whole file (an outage still
+    raises: the step waits it out)."""
+    for job in _jobs_of(session, batch.id, Job.status == JobStatus.succeeded):
+        try:
+            text = response_text(job, storage) or ""
+        except KeyError:
+            message = "the result was recorded but its stored copy is gone"
+            line = job.line or 0
+            lost.append(
+                (line, error_line(job.id, job.custom_id, line, RESULT_UNAVAILABLE, message))
+            )
+            continue
+        yield output_line(job, text, batch.endpoint)
 
-    def lines() -> Iterator[dict[str, Any]]:
-        for job in _jobs_of(session, batch.id, Job.status == JobStatus.succeeded):
-            try:
-                text = response_text(job, storage) or ""
-            except KeyError:
-                message = "the result was recorded but its stored copy is gone"
-                line = job.line or 0
-                lost.append((line, error_line(job.id, job.custom_id, line, RESULT_LOST, message)))
-                continue
-            yield output_line(job, text, batch.endpoint)
 
-    return _write_file(session, storage, batch, "output", lines())
-
-
-def _write_errors(
-    session: Session, storage: Storage, batch: Batch, lost: list[tuple[int, dict[str, Any]]]
-) -> tuple[str | None, int]:
+def _error_lines(
+    session: Session, batch: Batch, lost: list[tuple[int, dict[str, Any]]]
+) -> Iterator[dict[str, Any]]:
+    """The error file's lines, in line order: refused lines, lines that did not succeed,
+    and lines whose result was lost (read after the output file was written)."""
     refused = (
         (
             e.line,
@@ -836,8 +935,7 @@ def _write_errors(
         for job in _jobs_of(session, batch.id, Job.status != JobStatus.succeeded)
     )
     by_line = heapq.merge(refused, ended, lost, key=lambda pair: pair[0])
-    merged = (line for _, line in by_line)
-    return _write_file(session, storage, batch, "errors", merged)
+    return (line for _, line in by_line)
 
 
 # --- maintenance -------------------------------------------------------------------------
@@ -858,7 +956,12 @@ def advance(scope: SessionScope, storage: Storage, queue: JobQueue, settings: Se
             session.scalars(
                 select(Batch.id).where(
                     Batch.status == BatchStatus.validating,
-                    or_(Batch.created_at < now - VALIDATION_GRACE, Batch.step_attempts > 0),
+                    # Left by its API process, or tried before: not the first take's to wait.
+                    or_(
+                        Batch.created_at < now - VALIDATION_GRACE,
+                        Batch.step_attempts > 0,
+                        Batch.step_error.is_not(None),
+                    ),
                     _lease_free(now),
                 )
             )

@@ -270,7 +270,10 @@ def list_adapters(session: Session, owner: str) -> list[LoraAdapter]:
 
 
 def delete_adapter(session: Session, storage: Storage, adapter: LoraAdapter) -> None:
+    # As files are deleted: the row's delete is committed only once the objects are gone, so
+    # a storage outage leaves both, never an object that no row names.
     session.delete(adapter)
-    session.commit()
+    session.flush()
     for field in (CONFIG_FIELD, WEIGHTS_FIELD):
         storage.delete(f"{adapter.storage_prefix}/{field}")
+    session.commit()

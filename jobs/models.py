@@ -213,6 +213,8 @@ class Batch(Base):
     # keeps failing ends the batch `failed` instead of being tried forever.
     step_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     step_error: Mapped[str | None] = mapped_column(Text)
+    # Set by whoever took the current step: only its holder renews, ends or fails the step.
+    step_token: Mapped[str | None] = mapped_column(String(32))
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -314,24 +314,27 @@ def release_claims(
     ]
 
 
-def return_claims(session: Session, claims: list[Claim]) -> list[Job]:
-    """Give claimed jobs back, queued again, after our own storage or database was away while
-    they ran: the claim is not counted as an attempt, since nothing about the jobs failed, and
-    an outage that outlasts their attempts must not fail them. Returns the jobs queued again."""
-    returned = []
+def return_claims(session: Session, claims: list[Claim], delay_seconds: float) -> int:
+    """Give claimed jobs back after our own storage or database was away while they ran:
+    the claim is not counted as an attempt, since nothing about the jobs failed, and an
+    outage that outlasts their attempts must not fail them. They wait `delay_seconds`
+    (`scheduled`, which maintenance starts when due), so that a long outage is waited out
+    at a steady pace rather than decoded again and again. Returns how many were given back."""
+    returned = 0
+    run_at = utcnow() + timedelta(seconds=delay_seconds)
     for claim in claims:
         result = session.execute(
             update(Job)
             .where(*_held(claim))
             .values(
-                status=JobStatus.queued,
+                status=JobStatus.scheduled,
+                run_at=run_at,
                 enqueued_at=None,
                 claim_token=None,
                 lease_expires_at=None,
                 attempts=Job.attempts - 1,
             )
         )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            returned.append(claim.job)
+        returned += result.rowcount  # type: ignore[attr-defined]
     session.commit()
     return returned

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # (covers a broker that lost its messages); Postgres decides whether it still runs.
     requeue_after_seconds: int = 600
     maintenance_interval_seconds: float = 30.0
+    # A job whose result could not be recorded because storage or Postgres was down runs
+    # again after this long (its attempts untouched), however long the outage lasts.
+    outage_retry_seconds: float = 10.0
     # A broker message not acknowledged within this time is delivered again by Redis; it must
     # exceed the longest time a message can wait behind a batch.
     visibility_timeout_seconds: int = 6 * 3600

@@ -28,8 +28,16 @@ S3_CLIENT_CONFIG = Config(
 )
 # Errors S3 answers for itself that a later attempt may not get (SlowDown is a 503, and
 # RequestTimeout a 400 about the connection, not the request).
-_TRANSIENT_S3_CODES = {"RequestTimeout", "SlowDown", "Throttling", "ServiceUnavailable"}
-_MISSING_S3_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+# A missing bucket is the storage misconfigured or restarted empty, not a missing object: an
+# outage, to be waited out, never a job's or a file's loss.
+_TRANSIENT_S3_CODES = {
+    "RequestTimeout",
+    "SlowDown",
+    "Throttling",
+    "ServiceUnavailable",
+    "NoSuchBucket",
+}
+_MISSING_S3_CODES = {"NoSuchKey", "NotFound", "404"}
 
 
 class StorageUnavailable(ConnectionError):

@@ -16,9 +16,9 @@ from typing import Any
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from jobs import service
+from jobs import files, service
 from jobs.db import session_scope
-from jobs.errors import MbatchError, describe, main_error
+from jobs.errors import InvalidParameter, MbatchError, describe, main_error
 from jobs.models import Job, JobStatus
 from jobs.queries import Claim
 from jobs.registry import resolve_model
@@ -82,29 +82,47 @@ def _error(exc: Exception) -> dict[str, Any]:
 
 
 def submit_lines(path: Path, settings: Settings, queue: InProcessQueue) -> list[LineResult]:
-    """Record a job for each good line; a bad line gets an error naming its line number."""
+    """Record a job for each good line; a bad line, whatever it holds, gets an error naming
+    its line number, and the others run."""
     results = []
-    with path.open(encoding="utf-8") as lines, session_scope(settings.database_url) as session:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
+    seen: set[str] = set()
+    with path.open("rb") as stream, session_scope(settings.database_url) as session:
+        for number, raw in enumerate(files.read_lines(stream, settings.max_request_bytes), 1):
+            if raw is not None and not raw.strip():
                 continue
             result = LineResult(line=number)
             try:
-                data = json.loads(text)
-                if isinstance(data, dict) and "custom_id" in data:
-                    batch_line = BatchLine.model_validate(data)
-                    result.custom_id = batch_line.custom_id
-                    body = batch_line.parsed_body().model_copy(update={"model": settings.model})
-                    prepared = service.prepare_openai(body, settings)
-                else:
-                    native = JobCreate.model_validate({**data, "model": settings.model})
-                    prepared = service.prepare_native(native, settings)
+                prepared = _prepare_line(raw, settings, seen, result)
                 job, _ = service.submit_job(session, queue, LOCAL_OWNER, prepared)
                 result.job_id = job.id
-            except (ValueError, MbatchError, TypeError) as exc:
+            except Exception as exc:  # a line we cannot take fails alone
                 result.error = _error(exc)
             results.append(result)
     return results
+
+
+def _prepare_line(
+    raw: bytes | None, settings: Settings, seen: set[str], result: LineResult
+) -> service.PreparedJob:
+    """A line as a native job body or an OpenAI batch line, on the run's model."""
+    if raw is None:
+        raise InvalidParameter("line", "...", "longer than the largest request accepted")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise InvalidParameter("line", "...", "not JSON we read (nested too deeply)") from None
+    if isinstance(data, dict) and "custom_id" in data:
+        batch_line = BatchLine.model_validate(data)
+        if batch_line.custom_id in seen:
+            raise InvalidParameter("custom_id", batch_line.custom_id, "used twice")
+        seen.add(batch_line.custom_id)
+        result.custom_id = batch_line.custom_id
+        body = batch_line.parsed_body().model_copy(update={"model": settings.model})
+        return service.prepare_openai(body, settings)
+    if not isinstance(data, dict):
+        raise InvalidParameter("line", type(data).__name__, "a line is a JSON object")
+    native = JobCreate.model_validate({**data, "model": settings.model})
+    return service.prepare_native(native, settings)
 
 
 def run_file(path: Path, output: Path | None, model: str, state_dir: Path) -> int:

@@ -9,20 +9,20 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from jobs import batches, queries
 from jobs.loras import WEIGHTS_FIELD
 from jobs.maintenance import repeat, run_pass
 from jobs.models import Job, LoraAdapter
+from jobs.outages import unavailable
 from jobs.pricing import price
 from jobs.queries import Claim, Outcome
 from jobs.queue import JobQueue
 from jobs.sampling import SamplingParams
 from jobs.service import publish
 from jobs.settings import Settings
-from jobs.storage import Storage, StorageUnavailable
+from jobs.storage import Storage
 from jobs.tokenizer import encode_job_input
 from worker.engine.batching import plan_groups, select_batch
 from worker.engine.decode import CANCELLED, Generation, generate
@@ -224,7 +224,10 @@ class WorkerRuntime:
                         queries.record_failure(session, claim, exc.code, str(exc))
             except Exception as exc:  # storage or the database away, out of memory...
                 log.exception("could not load adapter %s for now; giving its jobs back", adapter_id)
-                self._give_back(mine, repr(exc))
+                if unavailable(exc) is not None:
+                    self._return_for_outage(mine)
+                else:
+                    self._give_back(mine, repr(exc))
             else:
                 continue
             unusable.add(adapter_id)
@@ -314,19 +317,18 @@ class WorkerRuntime:
                     return True
                 log.info("job %s was cancelled or reclaimed; result dropped", row.claim.job.id)
                 return False
-        except (OperationalError, StorageUnavailable):
-            # An outage of ours: the job did nothing wrong, so however long it lasts, running
-            # the job again costs it no attempt.
-            log.exception("could not record job %s for now; giving it back", row.claim.job.id)
-            with self.session_scope() as session:
-                publish(session, self.queue, queries.return_claims(session, [row.claim]))
-            return False
-        except (BotoCoreError, ClientError, OSError) as exc:
-            # Refused by storage (access denied, say): tried again, but within max_attempts.
-            log.exception("could not store job %s's result; giving it back", row.claim.job.id)
-            self._give_back([row.claim], repr(exc))
-            return False
         except Exception as exc:
+            if (down := unavailable(exc)) is not None:
+                log.warning(
+                    "job %s not recorded (%s is unavailable); given back", row.claim.job.id, down
+                )
+                self._return_for_outage([row.claim])
+                return False
+            if isinstance(exc, BotoCoreError | ClientError | OSError):
+                # Refused by storage (access denied, say): tried again, within max_attempts.
+                log.exception("could not store job %s's result; giving it back", row.claim.job.id)
+                self._give_back([row.claim], repr(exc))
+                return False
             log.exception("could not record the result of job %s", row.claim.job.id)
             with self.session_scope() as session:
                 queries.record_failure(
@@ -336,6 +338,15 @@ class WorkerRuntime:
                     f"the result could not be stored: {exc}",
                 )
             return False
+
+    def _return_for_outage(self, claims: list[Claim]) -> None:
+        """Give jobs back, at no cost to their attempts, to run once the outage is over. If
+        the database is down too, their leases lapse and maintenance gives them back."""
+        try:
+            with self.session_scope() as session:
+                queries.return_claims(session, claims, self.settings.outage_retry_seconds)
+        except Exception:
+            log.exception("could not give back %d jobs; their leases will lapse", len(claims))
 
     def _give_back(self, claims: list[Claim], reason: str) -> None:
         with self.session_scope() as session:

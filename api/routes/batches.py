@@ -5,14 +5,18 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Query, Response
 from sqlalchemy.orm import Session
 
-from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, SettingsDep, StorageDep
+from api.deps import (
+    IdempotencyKeyDep,
+    OwnerDep,
+    QueueDep,
+    ScopeDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+)
 from jobs import batches, files
-from jobs.db import session_scope
 from jobs.models import Batch
-from jobs.queue import JobQueue
 from jobs.schemas.batches import BatchCreate, BatchEstimate, BatchList, BatchPublic
-from jobs.settings import Settings
-from jobs.storage import Storage
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -23,24 +27,13 @@ def batch_public(session: Session, batch: Batch) -> BatchPublic:
     )
 
 
-def _scope(settings: Settings) -> batches.SessionScope:
-    return lambda: session_scope(settings.database_url)
-
-
-def _validate_after_response(
-    background: BackgroundTasks, settings: Settings, storage: Storage, queue: JobQueue, batch: Batch
-) -> None:
-    background.add_task(
-        batches.validate_batch, _scope(settings), storage, queue, settings, batch.id
-    )
-
-
 @router.post("", response_model=BatchPublic | BatchEstimate)
 def create_batch(
     body: BatchCreate,
     response: Response,
     background: BackgroundTasks,
     session: SessionDep,
+    scope: ScopeDep,
     settings: SettingsDep,
     owner: OwnerDep,
     queue: QueueDep,
@@ -54,7 +47,7 @@ def create_batch(
             return batches.estimate(session, stream, owner, file.id, body.endpoint, settings)
     batch, created = batches.create_batch(session, owner, body, settings, idempotency_key)
     if created:
-        _validate_after_response(background, settings, storage, queue, batch)
+        background.add_task(batches.validate_batch, scope, storage, queue, settings, batch.id)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return batch_public(session, batch)
@@ -88,13 +81,14 @@ def cancel_batch(
     batch_id: str,
     background: BackgroundTasks,
     session: SessionDep,
+    scope: ScopeDep,
     settings: SettingsDep,
     owner: OwnerDep,
     storage: StorageDep,
 ) -> BatchPublic:
     """Stop a batch; it is `cancelled`, with the lines that finished, once its files are written."""
     batch = batches.cancel_batch(session, batches.get_batch(session, owner, batch_id))
-    background.add_task(batches.finalize, _scope(settings), storage, settings, batch.id)
+    background.add_task(batches.finalize, scope, storage, settings, batch.id)
     return batch_public(session, batch)
 
 
@@ -103,6 +97,7 @@ def retry_batch(
     batch_id: str,
     background: BackgroundTasks,
     session: SessionDep,
+    scope: ScopeDep,
     settings: SettingsDep,
     owner: OwnerDep,
     queue: QueueDep,
@@ -111,5 +106,5 @@ def retry_batch(
     """A new batch of the lines of an ended batch that did not succeed."""
     source = batches.get_batch(session, owner, batch_id)
     retry = batches.retry_failed(session, storage, owner, source, settings)
-    _validate_after_response(background, settings, storage, queue, retry)
+    background.add_task(batches.validate_batch, scope, storage, queue, settings, retry.id)
     return batch_public(session, retry)

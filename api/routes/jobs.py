@@ -1,9 +1,17 @@
 """Native jobs: the Workers AI request schema, run asynchronously."""
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, BackgroundTasks, Response, status
 
-from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, SettingsDep, StorageDep
-from jobs import queries, service
+from api.deps import (
+    IdempotencyKeyDep,
+    OwnerDep,
+    QueueDep,
+    ScopeDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+)
+from jobs import batches, queries, service
 from jobs.errors import Conflict
 from jobs.schemas.jobs import JobPublic, job_public
 from jobs.schemas.native import JobCreate
@@ -37,11 +45,21 @@ def get_job(job_id: str, session: SessionDep, owner: OwnerDep, storage: StorageD
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep, storage: StorageDep) -> JobPublic:
+def cancel_job(
+    job_id: str,
+    background: BackgroundTasks,
+    session: SessionDep,
+    scope: ScopeDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    storage: StorageDep,
+) -> JobPublic:
     """Cancel a job that has not finished."""
     job = queries.get_owned_job(session, owner, job_id)
     if job.status.finished:
         raise Conflict(f"job {job_id} has already finished ({job.status.value})", param="id")
     job = queries.cancel(session, job)
     session.commit()
+    if job.file_batch_id is not None:  # it may have been its batch's last line
+        background.add_task(batches.finalize, scope, storage, settings, job.file_batch_id)
     return job_public(job, storage)

@@ -59,11 +59,16 @@ RESULT_UNAVAILABLE = "result_unavailable"
 def response_text(job: Job, storage: Storage) -> str | None:
     """The response, from the row or, when it was too large for one, from object storage.
 
-    KeyError when its stored object is gone (deleted behind the database's back): what that
-    means is the caller's to say. StorageUnavailable while the storage is down."""
-    if job.response_uri is not None:
-        return storage.get_bytes(job.response_uri).decode()
-    return job.response_text
+    KeyError when its stored object is gone (deleted behind the database's back) or damaged
+    (not the UTF-8 it was written as): what that means is the caller's to say.
+    StorageUnavailable while the storage is down."""
+    if job.response_uri is None:
+        return job.response_text
+    data = storage.get_bytes(job.response_uri)
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise KeyError(job.response_uri) from None
 
 
 def job_public(job: Job, storage: Storage) -> JobPublic:

@@ -325,6 +325,6 @@ def test_a_poison_batch_never_holds_up_another_owners_batch(
     assert [line["error"]["line"] for line in errors] == [1, 2, 3, 4]
     lost_done = wait_until_ended(mallory, bad[1].id, timeout=60)
     assert lost_done.status == "failed" and lost_done.errors is not None
-    assert lost_done.errors.data[0].code == "batch_processing_failed"
+    assert lost_done.errors.data[0].code == "file_content_unavailable"
     # A 3-line batch ends within seconds of its last line, poison or not.
     assert took < 30, took

@@ -26,9 +26,17 @@ def test_make_tiny_model_writes_a_folder_from_pretrained_loads(tmp_path: Path) -
 
 def test_run_writes_one_line_per_input_line_in_order(tmp_path: Path, models_dir: Path) -> None:
     lines = EXAMPLES.read_text().splitlines()
-    bad_line = json.dumps({"prompt": "hi", "temperature": 9})
+    bad_lines = [
+        json.dumps({"prompt": "hi", "temperature": 9}).encode(),
+        b"not json",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"prompt": "\xff\xfe"}',
+        lines[5].encode(),  # its custom_id comes again, further on
+        b"[1, 2]",
+    ]
     source = tmp_path / "in.jsonl"
-    source.write_text("\n".join([*lines[:3], bad_line, "not json", *lines[3:]]) + "\n")
+    encoded = [line.encode() for line in lines]
+    source.write_bytes(b"\n".join([*encoded[:3], *bad_lines, *encoded[3:]]) + b"\n")
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "MBATCH_MODELS_DIR": str(models_dir)}
     result = subprocess.run(
@@ -37,17 +45,18 @@ def test_run_writes_one_line_per_input_line_in_order(tmp_path: Path, models_dir:
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 1  # two lines failed
+    assert result.returncode == 1, result.stderr  # six lines failed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["line"] for row in rows] == list(range(1, len(lines) + 3))
+    assert [row["line"] for row in rows] == list(range(1, len(lines) + 7))
     failed = [row for row in rows if row["status"] != "succeeded"]
-    assert [row["line"] for row in failed] == [4, 5]
+    assert [row["line"] for row in failed] == [4, 5, 6, 7, 9, 12]  # 12: request-1 again
     assert failed[0]["error"]["param"] == "temperature"
+    assert failed[5]["error"]["param"] == "custom_id"
     for row in rows:
         if row["status"] == "succeeded":
             assert row["usage"]["completion_tokens"] > 0 and row["cost"]["total"] > 0
     assert {row.get("custom_id") for row in rows} >= {"request-1", "request-2"}
-    assert f"jobs: {len(rows)} ({len(rows) - 2} succeeded, 2 failed)" in result.stderr
+    assert f"jobs: {len(rows)} ({len(rows) - 6} succeeded, 6 failed)" in result.stderr
     assert "completion tokens/s" in result.stderr and "cost: $" in result.stderr
 
 

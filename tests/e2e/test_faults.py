@@ -261,6 +261,8 @@ def test_an_s3_outage_gives_results_back_to_run_again(
         MBATCH_MAX_ATTEMPTS=str(max_attempts),
         # Small batches: each result that cannot be stored waits out the S3 client's retries.
         MBATCH_MAX_BATCH_SIZE="4",
+        # A result given back runs again soon: the outage is waited out within the test.
+        MBATCH_OUTAGE_RETRY_SECONDS="0.5",
     )
     stack = start_stack(env, log_dir, processes)
     key = {"Authorization": f"Bearer {create_key(stack.env, 'grace')}"}
@@ -273,15 +275,16 @@ def test_an_s3_outage_gives_results_back_to_run_again(
         moves = transitions(database_url)
         failed = [move for move in moves if move[2] == "failed"]
         assert not failed, f"jobs failed while storage was down: {failed}"
-        backs = [move[0] for move in moves if move[1:3] == ("running", "queued")]
+        backs = [move[0] for move in moves if move[1:3] == ("running", "scheduled")]
         return any(backs.count(job_id) >= max_attempts for job_id in set(backs))
 
     poll(given_back_enough, 60, "results to be given back")
+    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", **_credentials())
     s3_server, _ = services.start_s3_server(log_dir, port, name="moto-2")
     processes.append(s3_server)
-    # The restarted server is empty; a real outage keeps the bucket.
+    # The restarted server is empty; a real outage keeps the bucket (until it is made again,
+    # a missing bucket is an outage too).
     restarted = time.time()
-    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", **_credentials())
     s3.create_bucket(Bucket=BUCKET)
 
     wait_until_all_succeeded(database_url, ids, timeout=90)

@@ -188,9 +188,14 @@ def test_cancelled_jobs_stop_decoding_at_once_and_free_the_worker(
     long = [submit(stack, key, {**story, "seed": 100 + n}) for n in range(8)]
     wait_for_status(stack, key, long[0]["id"], {"running"})
     time.sleep(1)  # well into decoding: 8 rows of 4,000 tokens take minutes here
+    stopped = []
     for job in long:
         cancelled = httpx.post(f"{stack.api_url}/v1/jobs/{job['id']}/cancel", headers=key)
+        if cancelled.status_code == 409:  # its row sampled EOS early and it finished
+            continue
         assert cancelled.json()["status"] == "cancelled"
+        stopped.append(job)
+    assert stopped
     started = time.monotonic()
     short = submit(stack, key, {"prompt": "Hi", "max_tokens": 2})
     done = wait_for_status(stack, key, short["id"], FINISHED)
@@ -198,6 +203,6 @@ def test_cancelled_jobs_stop_decoding_at_once_and_free_the_worker(
     assert done["status"] == "succeeded"
     assert took < 20, f"the next job waited {took:.1f} s behind cancelled rows"
     assert "cancelled or reclaimed mid-decode" in stack.worker.output()
-    for job in long:
+    for job in stopped:
         shown = httpx.get(f"{stack.api_url}/v1/jobs/{job['id']}", headers=key).json()
         assert shown["status"] == "cancelled" and shown["result"] is None

@@ -542,4 +542,6 @@ def test_an_upload_does_not_stall_other_requests(
     # a handler that held the event loop meanwhile held every /healthz as long. Compared to
     # the upload's own duration, so that a slow, busy machine slows both sides alike.
     assert len(latencies) >= 5
-    assert max(latencies) < upload_seconds / 3, (upload_seconds, sorted(latencies)[-5:])
+    # A blocked loop holds one probe for about the whole upload (0.6 to 0.7 of it, measured);
+    # a free one answers every probe within a small part of it, on a busy machine too.
+    assert max(latencies) < upload_seconds / 2, (upload_seconds, sorted(latencies)[-5:])

@@ -20,8 +20,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from api.app import create_app
-from api.errors import unavailable
 from jobs.db import get_engine
+from jobs.outages import unavailable
 from jobs.settings import Settings
 from jobs.storage import storage_from_settings
 from tests import services
