@@ -19,14 +19,22 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
+    """The request's unit of work: what the domain's functions flushed is committed once the
+    handler returns, before the response is sent; an error rolls all of it back."""
     session = get_session_factory(settings.database_url)()
     try:
         yield session
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
     finally:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# Function scope: the commit happens before the response goes out (and before background
+# tasks, which read what it committed), and a failed commit is the request's error.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_scope(settings: SettingsDep) -> Callable[[], AbstractContextManager[Session]]:

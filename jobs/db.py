@@ -18,13 +18,13 @@ Row = TypeVar("Row", bound=Base)
 
 
 def add_once(session: Session, row: Row, existing: Callable[[], Row | None]) -> tuple[Row, bool]:
-    """Commit a new row, unless a request with the same idempotency key committed its row
-    first (a unique constraint refuses this one): then that row, and False."""
-    session.add(row)
+    """Add a new row (flushed, in a savepoint), unless a request with the same idempotency
+    key committed its row first (a unique constraint refuses this one): then that row, and
+    False. The rest of the unit of work is kept either way."""
     try:
-        session.commit()
+        with session.begin_nested():
+            session.add(row)
     except IntegrityError:
-        session.rollback()
         found = existing()
         if found is None:
             raise

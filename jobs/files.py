@@ -110,7 +110,7 @@ def create_file(
     file.storage_key = storage_key(file.id)
     storage.put_stream(file.storage_key, stream)
     session.add(file)
-    session.commit()
+    session.flush()
     return file
 
 
@@ -186,10 +186,10 @@ def _chunks(body: BinaryIO) -> Iterator[bytes]:
 
 
 def delete_file(session: Session, storage: Storage, file: FileObject) -> None:
-    # The row's delete is sent but not committed until the object is gone: a storage outage
-    # then leaves both (the session is rolled back), and a commit that fails after it leaves a
-    # file without contents (410), that a retry deletes; never an object that no row names.
+    # The row's delete is flushed first and committed by the unit of work once the object is
+    # gone: a storage outage leaves both (the unit of work rolls back), and a commit that
+    # fails after it leaves a file without contents (410), that a retry deletes; never an
+    # object that no row names.
     session.delete(file)
     session.flush()
     storage.delete(file.storage_key)
-    session.commit()

@@ -162,6 +162,21 @@ def check_tensors(tensors: dict[str, TensorInfo], spec: ModelSpec, config: Adapt
             )
 
 
+def _object_key(prefix: str, field: str) -> str:
+    """Where one of an adapter's files is stored."""
+    return f"{prefix}/{field}"
+
+
+def weights_key(adapter: LoraAdapter) -> str:
+    """Where an adapter's weights are stored."""
+    return _object_key(adapter.storage_prefix, WEIGHTS_FIELD)
+
+
+def weights_match(adapter: LoraAdapter, data: bytes) -> bool:
+    """The weights read back are those whose sha256 was recorded on upload."""
+    return hashlib.sha256(data).hexdigest() == adapter.sha256
+
+
 def _size(stream: BinaryIO) -> int:
     stream.seek(0, 2)
     size = stream.tell()
@@ -210,8 +225,8 @@ def create_adapter(
     adapter_id = "lora_" + secrets.token_hex(12)
     prefix = f"loras/{adapter_id}"
     sha256 = _sha256(weights)
-    storage.put_bytes(f"{prefix}/{CONFIG_FIELD}", config_data)
-    storage.put_stream(f"{prefix}/{WEIGHTS_FIELD}", weights)
+    storage.put_bytes(_object_key(prefix, CONFIG_FIELD), config_data)
+    storage.put_stream(_object_key(prefix, WEIGHTS_FIELD), weights)
     adapter = LoraAdapter(
         id=adapter_id,
         owner=owner,
@@ -224,11 +239,10 @@ def create_adapter(
         sha256=sha256,
         storage_prefix=prefix,
     )
-    session.add(adapter)
     try:
-        session.commit()
+        with session.begin_nested():  # the name's uniqueness, without losing the unit of work
+            session.add(adapter)
     except IntegrityError:
-        session.rollback()
         raise InvalidParameter("name", name, "you already have an adapter of this name") from None
     return adapter
 
@@ -240,6 +254,11 @@ def _owned(session: Session, owner: str, id_or_name: str) -> LoraAdapter | None:
             or_(LoraAdapter.id == id_or_name, LoraAdapter.name == id_or_name),
         )
     )
+
+
+def get_adapter(session: Session, adapter_id: str) -> LoraAdapter | None:
+    """An adapter by its id, whoever owns it (a worker running a job it was checked for)."""
+    return session.get(LoraAdapter, adapter_id)
 
 
 def find_adapter(session: Session, owner: str, id_or_name: str) -> LoraAdapter:
@@ -270,10 +289,10 @@ def list_adapters(session: Session, owner: str) -> list[LoraAdapter]:
 
 
 def delete_adapter(session: Session, storage: Storage, adapter: LoraAdapter) -> None:
-    # As files are deleted: the row's delete is committed only once the objects are gone, so
-    # a storage outage leaves both, never an object that no row names.
+    # As files are deleted: the row's delete is flushed, and committed by the unit of work
+    # once the objects are gone, so a storage outage leaves both, never an object that no
+    # row names.
     session.delete(adapter)
     session.flush()
     for field in (CONFIG_FIELD, WEIGHTS_FIELD):
-        storage.delete(f"{adapter.storage_prefix}/{field}")
-    session.commit()
+        storage.delete(_object_key(adapter.storage_prefix, field))

@@ -32,11 +32,13 @@ def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | Non
 
 
 def mark_enqueued(session: Session, job_ids: list[str]) -> None:
+    """Note when the jobs' messages went out (flushed; the caller commits)."""
     session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=utcnow()))
 
 
 def cancel(session: Session, job: Job) -> Job:
-    """Cancel a job that has not finished; a running job's result is then never recorded."""
+    """Cancel a job that has not finished; a running job's result is then never recorded.
+    A conditional UPDATE, flushed; the unit of work commits it."""
     if not job.status.finished:
         session.execute(
             update(Job)
@@ -78,6 +80,9 @@ def claim_batch(
     first_id: str | None = None,
     choose: Callable[[list[Job]], list[Job]] | None = None,
 ) -> list[Claim]:
+    """Claim queued jobs of `model` for one static batch (`choose` picks among the oldest
+    `limit`, the message's own job first). Its own transaction, committed here: a claim is
+    a step of the job's state machine, visible to every worker at once."""
     """Claim queued jobs of `model`: of the `limit` oldest (`first_id` first), those that
     `choose` picks, or all of them.
 
@@ -122,6 +127,7 @@ def claim_batch(
 
 
 def renew_leases(session: Session, claims: list[Claim], lease_seconds: int) -> None:
+    """Extend the leases of claims still held. Its own transaction, committed here."""
     expires = utcnow() + timedelta(seconds=lease_seconds)
     for claim in claims:
         session.execute(
@@ -182,7 +188,8 @@ def _finish(
 
 
 def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
-    """Record a result once: only the current claim of a running job can; False otherwise."""
+    """Record a result once: only the current claim of a running job can; False otherwise.
+    Its own transaction, committed here, like every step of the job's state machine."""
     return _finish(
         session,
         claim,
@@ -200,6 +207,7 @@ def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
 
 
 def record_failure(session: Session, claim: Claim, code: str, message: str) -> bool:
+    """End a job failed, under its current claim. Its own transaction, committed here."""
     return _finish(
         session,
         claim,
@@ -252,7 +260,8 @@ def expired_claims(session: Session, now: datetime | None = None) -> list[Job]:
 def release_expired(session: Session, max_attempts: int, now: datetime | None = None) -> list[Job]:
     """Put jobs with an expired claim back in the queue, or fail those out of attempts.
 
-    Returns the jobs that are queued again, for publishing.
+    Returns the jobs that are queued again, for publishing. Each job's move is its own
+    conditional UPDATE, committed here.
     """
     now = now or utcnow()
     return [
@@ -306,7 +315,8 @@ def release_claims(
     session: Session, claims: list[Claim], max_attempts: int, reason: str
 ) -> list[Job]:
     """Give claimed jobs back after a failure that was not theirs alone: queued again, or
-    failed when out of attempts. Returns the jobs queued again."""
+    failed when out of attempts. Returns the jobs queued again. Its own transaction,
+    committed here."""
     return [
         claim.job
         for claim in claims

@@ -38,6 +38,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+class InProcessQueue:
+    """A queue with no broker, for `mbatch run` and the tests: the runtime claims from the
+    database, so a publish only records the job id."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    def publish(self, job_id: str, queue: str) -> None:
+        self.published.append(job_id)
+
+
 class CeleryJobQueue:
     def __init__(self, settings: Settings) -> None:
         self.app = Celery("mbatch-publisher")

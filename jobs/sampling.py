@@ -1,14 +1,17 @@
 """The internal sampling parameters that both request dialects convert into.
 
-Each request schema resolves its values in one order (the user's value, then the model's
-default, then the built-in default) and hands them here; `SamplingParams` checks that they
-make sense together and raises `InvalidParameter` naming the field otherwise.
+`SamplingParams.resolve` fills each field in one order (the user's value, then the model's
+default, then the built-in default) for both dialects; a request schema applies only what its
+own dialect means by a value first. `SamplingParams` checks that the values make sense
+together and raises `InvalidParameter` naming the field otherwise.
 """
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from jobs.errors import InvalidParameter
+from jobs.registry import ModelSpec
 
 MAX_STOP_STRINGS = 4
 GREEDY_BELOW = 1e-5
@@ -45,6 +48,20 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise InvalidParameter("stop", list(self.stop), "stop strings must not be empty")
 
+    @classmethod
+    def resolve(cls, spec: ModelSpec, **values: Any) -> "SamplingParams":
+        """A request's parameters: each field is the user's value where given (not None),
+        else the model's default, else the built-in default, as vLLM's
+        `SamplingParams.from_optional` does. `stop` may be one string or a list of them."""
+        given = {name: value for name, value in values.items() if value is not None}
+        if "stop" in given:
+            given["stop"] = _stop_strings(given["stop"])
+        model_defaults = {
+            "max_tokens": spec.default_max_tokens,
+            "temperature": spec.default_temperature,
+        }
+        return cls(**{**model_defaults, **given})
+
     @property
     def greedy(self) -> bool:
         # Below this, dividing logits by the temperature overflows float32: it is greedy.
@@ -58,3 +75,12 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
         return cls(**{**data, "stop": tuple(data.get("stop") or ())})
+
+
+# The request fields that are sampling parameters: the same names in both dialects.
+SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+
+
+def _stop_strings(stop: str | Sequence[str]) -> tuple[str, ...]:
+    # Both dialects take one stop string or a list of them.
+    return (stop,) if isinstance(stop, str) else tuple(stop)

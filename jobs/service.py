@@ -3,7 +3,7 @@
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -11,14 +11,14 @@ from sqlalchemy.orm import Session
 
 from jobs import queries
 from jobs.db import add_once
-from jobs.errors import InvalidParameter
+from jobs.errors import Conflict, InvalidParameter
 from jobs.loras import adapter_for_job
 from jobs.models import Job, JobStatus
 from jobs.queue import JobQueue
 from jobs.registry import ModelSpec, resolve_model
 from jobs.sampling import SamplingParams
+from jobs.schemas.base import SamplingRequest
 from jobs.schemas.native import JobCreate
-from jobs.schemas.openai import OpenAIBody
 from jobs.settings import Settings
 from jobs.timeutil import utcnow
 from jobs.tokenizer import encode_job_input, v1_tokenizer
@@ -78,26 +78,22 @@ def check_context(
         )
 
 
-def _prepare(
-    model: str | None, lora: str | None, job_input: dict[str, Any], body: Any, settings: Settings
-) -> tuple[ModelSpec, SamplingParams, int]:
-    spec = resolve_model(model or settings.model)
-    check_lora(spec, lora)
-    sampling: SamplingParams = body.to_sampling_params(spec)
+def _prepare(body: SamplingRequest, settings: Settings) -> PreparedJob:
+    """The checks and conversions every request gets, whatever its dialect."""
+    job_input = body.input_record()
+    spec = resolve_model(body.model or settings.model)
+    check_lora(spec, body.lora)
+    sampling = body.to_sampling_params(spec)
     prompt_tokens = len(encode_job_input(v1_tokenizer(), job_input))
     check_context(spec, prompt_tokens, sampling.max_tokens, next(iter(job_input)))
-    return spec, sampling, prompt_tokens
+    return PreparedJob(
+        spec=spec, input=job_input, sampling=sampling, prompt_tokens=prompt_tokens, lora=body.lora
+    )
 
 
 def prepare_native(body: JobCreate, settings: Settings) -> PreparedJob:
-    job_input = body.input_record()
-    spec, sampling, prompt_tokens = _prepare(body.model, body.lora, job_input, body, settings)
-    return PreparedJob(
-        spec=spec,
-        input=job_input,
-        sampling=sampling,
-        prompt_tokens=prompt_tokens,
-        lora=body.lora,
+    return replace(
+        _prepare(body, settings),
         metadata=body.metadata,
         callback_url=body.callback_url,
         run_at=body.run_at,
@@ -105,12 +101,9 @@ def prepare_native(body: JobCreate, settings: Settings) -> PreparedJob:
     )
 
 
-def prepare_openai(body: OpenAIBody, settings: Settings) -> PreparedJob:
-    job_input = body.input_record()  # type: ignore[attr-defined]
-    spec, sampling, prompt_tokens = _prepare(body.model, body.lora, job_input, body, settings)
-    return PreparedJob(
-        spec=spec, input=job_input, sampling=sampling, prompt_tokens=prompt_tokens, lora=body.lora
-    )
+def prepare_openai(body: SamplingRequest, settings: Settings) -> PreparedJob:
+    """An OpenAI chat or completion body (`BatchLine.parsed_body()`)."""
+    return _prepare(body, settings)
 
 
 def submit_job(
@@ -152,9 +145,22 @@ def submit_job(
     job, created = add_once(
         session, job, lambda: queries.find_by_idempotency_key(session, owner, key) if key else None
     )
-    if created and not scheduled:
-        publish(session, queue, [job])
+    if created:
+        # The one place a function here commits the caller's unit of work: a message must
+        # never name a row that a worker cannot see yet.
+        session.commit()
+        if not scheduled:
+            publish(session, queue, [job])
     return job, created
+
+
+def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+    """Cancel one of `owner`'s jobs that has not finished (flushed; the unit of work commits
+    it); Conflict for one that has."""
+    job = queries.get_owned_job(session, owner, job_id)
+    if job.status.finished:
+        raise Conflict(f"job {job_id} has already finished ({job.status.value})", param="id")
+    return queries.cancel(session, job)
 
 
 def publish(session: Session, queue: JobQueue, jobs: list[Job]) -> None:
@@ -169,4 +175,4 @@ def publish(session: Session, queue: JobQueue, jobs: list[Job]) -> None:
         published.append(job.id)
     if published:
         queries.mark_enqueued(session, published)
-        session.commit()
+        session.commit()  # its own transaction: the messages are out, whatever comes next

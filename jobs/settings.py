@@ -1,14 +1,33 @@
-"""One settings object, read from `MBATCH_*` environment variables, shared by API and worker."""
+"""One settings object, read from `MBATCH_*` environment variables, shared by API and worker.
+
+Settings are checked when they are read, each alone and against each other, so that a bad one
+stops a process at start-up; `error_lines` says what is wrong in one line per setting.
+"""
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MBATCH_"
+
+# Counts and sizes where 0 would stop the work; amounts and times where a negative one means
+# nothing; times that must pass (a loop sleeping 0 s would spin).
+AtLeastOne = Annotated[int, Field(ge=1)]
+NotNegative = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class SettingError(ValueError):
+    """A setting that does not fit with the others, said as `MBATCH_X=value: reason`."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MBATCH_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/mbatch"
     broker_url: str = "redis://127.0.0.1:6379/0"
@@ -21,58 +40,111 @@ class Settings(BaseSettings):
     models_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "mbatch" / "models")
 
     # API limits.
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: AtLeastOne = 4 * 1024 * 1024
     # LoRA adapters, checked on upload.
-    max_lora_rank: int = 32
-    max_lora_bytes: int = 300 * 1000 * 1000
+    max_lora_rank: AtLeastOne = 32
+    max_lora_bytes: AtLeastOne = 300 * 1000 * 1000
     # Adapters a worker keeps loaded, least recently used evicted first; a batch never holds
     # more distinct adapters than this.
-    max_loras: int = 8
+    max_loras: AtLeastOne = 8
 
     # Batch input files (the OpenAI Batch API), refused above these.
-    max_file_bytes: int = 200 * 1000 * 1000
-    max_file_lines: int = 50_000
+    max_file_bytes: AtLeastOne = 200 * 1000 * 1000
+    max_file_lines: AtLeastOne = 50_000
     # Overrides every batch's completion window (OpenAI's "24h"), e.g. to test expiry.
-    batch_window_seconds: float | None = None
+    batch_window_seconds: PositiveSeconds | None = None
     # Lines validated and enqueued per transaction.
-    batch_chunk_lines: int = 1000
+    batch_chunk_lines: AtLeastOne = 1000
     # A batch's step (validating, finalizing) that fails is tried again after
     # batch_step_retry_seconds, four times as long after each failure; after
     # batch_step_attempts tries the batch ends `failed` with the reason.
-    batch_step_attempts: int = 5
-    batch_step_retry_seconds: float = 60.0
+    batch_step_attempts: AtLeastOne = 5
+    batch_step_retry_seconds: Seconds = 60.0
 
     # Worker: batching and the claim on a job.
-    max_batch_size: int = 32
+    max_batch_size: AtLeastOne = 32
     # Prompt plus max_tokens, summed over a batch: the most KV cache a batch can need.
-    max_batch_tokens: int = 65536
+    max_batch_tokens: AtLeastOne = 65536
     # The longest a worker waits for stragglers before it runs a batch that is not full; it
     # stops waiting sooner once no job has arrived for batch_quiet_ms.
-    batch_wait_ms: int = 1000
-    batch_quiet_ms: int = 100
+    batch_wait_ms: NotNegative = 1000
+    batch_quiet_ms: NotNegative = 100
     # A batch is chosen among this many times max_batch_size of the oldest queued jobs.
-    claim_lookahead: int = 4
+    claim_lookahead: AtLeastOne = 4
     # Split a claimed batch where padding would pass this multiple of the prompt tokens.
-    max_padding: float = 2.0
-    lease_seconds: int = 900
-    max_attempts: int = 3
+    max_padding: Annotated[float, Field(ge=0)] = 2.0
+    lease_seconds: AtLeastOne = 900
+    max_attempts: AtLeastOne = 3
     # A queued job whose message has not been picked up for this long is published again
     # (covers a broker that lost its messages); Postgres decides whether it still runs.
-    requeue_after_seconds: int = 600
-    maintenance_interval_seconds: float = 30.0
+    requeue_after_seconds: NotNegative = 600
+    maintenance_interval_seconds: PositiveSeconds = 30.0
     # A job whose result could not be recorded because storage or Postgres was down runs
     # again after this long (its attempts untouched), however long the outage lasts.
-    outage_retry_seconds: float = 10.0
+    outage_retry_seconds: Seconds = 10.0
     # A broker message not acknowledged within this time is delivered again by Redis; it must
-    # exceed the longest time a message can wait behind a batch.
-    visibility_timeout_seconds: int = 6 * 3600
+    # exceed the longest time a message is held: lease_seconds plus batch_wait_ms.
+    visibility_timeout_seconds: AtLeastOne = 6 * 3600
 
     # Results larger than this many UTF-8 bytes are kept in object storage, not in the row.
-    result_inline_max_bytes: int = 64 * 1024
+    result_inline_max_bytes: NotNegative = 64 * 1024
     device: str = "auto"
     dtype: str = "auto"
+
+    @field_validator("storage_url")
+    @classmethod
+    def _usable_storage_url(cls, value: str) -> str:
+        url = urlparse(value)
+        if (url.scheme == "s3" and url.netloc) or (url.scheme == "file" and url.netloc + url.path):
+            return value
+        raise ValueError("must be s3://bucket[/prefix] or file://path")
+
+    @model_validator(mode="after")
+    def _fit_together(self) -> "Settings":
+        # Redis delivers a message again once it has gone unacknowledged for the visibility
+        # timeout. A message is acknowledged after its batch: the straggler wait, then a run
+        # under a lease. Held longer than the timeout, it would be delivered to a second
+        # worker while the first still runs it (Postgres refuses the second claim, but the
+        # work of waking for it is wasted). A message waiting in the queue is not held (one
+        # is fetched at a time), so requeue_after_seconds does not enter into it.
+        held = self.lease_seconds + self.batch_wait_ms / 1000
+        if self.visibility_timeout_seconds <= held:
+            raise SettingError(
+                f"{env_name('visibility_timeout_seconds')}={self.visibility_timeout_seconds}: "
+                f"must be more than {env_name('lease_seconds')} plus "
+                f"{env_name('batch_wait_ms')} ({held:g} s), the longest a message is held"
+            )
+        return self
 
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def error_lines(exc: ValidationError) -> list[str]:
+    """One line per bad setting, naming its environment variable: `MBATCH_X=value: reason`."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, SettingError):
+            lines.append(str(cause))
+            continue
+        name = env_name(str(error["loc"][0])) if error["loc"] else ENV_PREFIX + "*"
+        lines.append(f"{name}={error['input']}: {_reason(error)}")
+    return lines
+
+
+def _reason(error: Any) -> str:
+    ctx = error.get("ctx", {})
+    if error["type"] == "greater_than_equal":
+        return f"must be at least {ctx['ge']:g}"
+    if error["type"] == "greater_than":
+        return f"must be more than {ctx['gt']:g}"
+    if error["type"] == "value_error":
+        return str(ctx["error"])
+    return str(error["msg"])

@@ -160,8 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from pydantic import ValidationError
+
+    from jobs.settings import Settings, error_lines
+
     args = build_parser().parse_args(argv)
-    sys.exit(args.handler(args))
+    # `mbatch run` shows its progress bar and summary, and besides them only warnings and
+    # errors; the services log what they do.
+    logging.basicConfig(
+        level=logging.WARNING if args.command == "run" else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code = args.handler(args)
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        # A bad setting stops the command at start-up: one line for each, no traceback.
+        for line in error_lines(exc):
+            print(f"mbatch: {line}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -21,6 +21,7 @@ from jobs.db import session_scope
 from jobs.errors import InvalidParameter, MbatchError, describe, main_error
 from jobs.models import Job, JobStatus
 from jobs.queries import Claim
+from jobs.queue import InProcessQueue
 from jobs.registry import resolve_model
 from jobs.schemas.jobs import job_public
 from jobs.schemas.native import JobCreate
@@ -30,16 +31,6 @@ from jobs.storage import storage_from_settings
 from migrations.runner import upgrade
 
 LOCAL_OWNER = "local"
-
-
-class InProcessQueue:
-    """The one-process pipeline needs no broker: the runtime claims from the database."""
-
-    def __init__(self) -> None:
-        self.published: list[str] = []
-
-    def publish(self, job_id: str, queue: str) -> None:
-        self.published.append(job_id)
 
 
 @dataclass

@@ -6,9 +6,9 @@ from sqlalchemy.orm import Session
 
 from jobs import service
 from jobs.models import Job
+from jobs.queue import InProcessQueue
 from jobs.schemas.native import JobCreate
 from jobs.settings import Settings
-from mbatch.runner import InProcessQueue
 
 
 def make_job(session: Session, settings: Settings, owner: str = "alice", **body: Any) -> Job:

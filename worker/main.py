@@ -39,11 +39,12 @@ def run_worker(model: str, weights: Path | None = None, loglevel: str = "INFO") 
     from worker import tasks
     from worker.celery_app import app
 
-    tasks.install_runtime(runtime)
+    # Set on the task instance the worker will run: Celery registers one per process.
+    tasks.run_job.runtime = runtime
     # What start-up made lives as long as the process: keep the garbage collector off it, so
     # collections during decoding stay short.
     gc.freeze()
-    runtime.start_maintenance()
+    runtime.timers.start()
     log.info("worker %s serving queue %s", worker_id, spec.queue)
     try:
         app.Worker(
@@ -60,4 +61,4 @@ def run_worker(model: str, weights: Path | None = None, loglevel: str = "INFO") 
             without_heartbeat=True,
         ).start()
     finally:
-        runtime.stop()
+        runtime.timers.stop()

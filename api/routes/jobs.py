@@ -12,7 +12,6 @@ from api.deps import (
     StorageDep,
 )
 from jobs import batches, queries, service
-from jobs.errors import Conflict
 from jobs.schemas.jobs import JobPublic, job_public
 from jobs.schemas.native import JobCreate
 
@@ -55,11 +54,7 @@ def cancel_job(
     storage: StorageDep,
 ) -> JobPublic:
     """Cancel a job that has not finished."""
-    job = queries.get_owned_job(session, owner, job_id)
-    if job.status.finished:
-        raise Conflict(f"job {job_id} has already finished ({job.status.value})", param="id")
-    job = queries.cancel(session, job)
-    session.commit()
+    job = service.cancel_job(session, owner, job_id)
     if job.file_batch_id is not None:  # it may have been its batch's last line
         background.add_task(batches.finalize, scope, storage, settings, job.file_batch_id)
     return job_public(job, storage)

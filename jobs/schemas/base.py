@@ -7,9 +7,12 @@ no lone surrogate. One rule, so a field added later cannot forget it.
 """
 
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+
+from jobs.registry import ModelSpec
+from jobs.sampling import SamplingParams
 
 # A body nested deeper than this is refused rather than walked: nothing we accept needs it.
 MAX_DEPTH = 32
@@ -65,3 +68,19 @@ class RequestModel(BaseModel):
         if info.field_name in cls.checked_elsewhere:
             return value
         return check_storable(value)
+
+
+class SamplingRequest(Protocol):
+    """A job request of either dialect (native, OpenAI chat or completion), as submission
+    sees it: the model and adapter it names, what the worker needs to rebuild its prompt,
+    and its sampling parameters resolved against the model."""
+
+    @property
+    def model(self) -> str | None: ...
+
+    @property
+    def lora(self) -> str | None: ...
+
+    def input_record(self) -> dict[str, Any]: ...
+
+    def to_sampling_params(self, spec: ModelSpec) -> SamplingParams: ...

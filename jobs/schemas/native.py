@@ -7,7 +7,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
-from jobs.sampling import MAX_STOP_STRINGS, SamplingParams
+from jobs.sampling import MAX_STOP_STRINGS, SAMPLING_FIELDS, SamplingParams
 from jobs.schemas.base import RequestModel
 from jobs.tokenizer import ChatMessage
 
@@ -102,28 +102,13 @@ class JobCreate(RequestModel):
             return None
         return [ChatMessage(m.role, m.content) for m in self.messages]
 
-    def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
     def to_sampling_params(self, spec: ModelSpec) -> SamplingParams:
-        """The user's value, else the model's default, else the built-in default."""
+        values = {name: getattr(self, name) for name in SAMPLING_FIELDS}
         # Workers AI admits repetition_penalty 0; Hugging Face's rule divides by it, so 0
-        # means what 1 means there: no penalty.
-        repetition_penalty = self.repetition_penalty or 1.0
-        return SamplingParams(
-            max_tokens=self.max_tokens or spec.default_max_tokens,
-            temperature=spec.default_temperature if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=repetition_penalty,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0,
-            seed=self.seed,
-            stop=self.stop_strings(),
-        )
+        # means what 1 means there: no penalty (the built-in default).
+        if values["repetition_penalty"] == 0:
+            values["repetition_penalty"] = None
+        return SamplingParams.resolve(spec, **values)
 
     def input_record(self) -> dict[str, Any]:
         """What the worker needs to rebuild the prompt."""

@@ -1,7 +1,7 @@
 """OpenAI-format request bodies (chat completions and completions), as batch lines carry them.
 
 Ranges follow OpenAI and DeepInfra; like the native schema, a body converts itself into the
-internal `SamplingParams` (user value, then the model's default, then the built-in default).
+internal `SamplingParams` through `SamplingParams.resolve`, after its own dialect's rules.
 """
 
 from typing import Annotated, Any, Literal
@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
-from jobs.sampling import MAX_STOP_STRINGS, SamplingParams
+from jobs.sampling import MAX_STOP_STRINGS, SAMPLING_FIELDS, SamplingParams
 from jobs.schemas.base import RequestModel
 from jobs.schemas.native import MAX_TEXT_CHARS
 from jobs.tokenizer import ChatMessage
@@ -62,25 +62,11 @@ class OpenAIBody(RequestModel):
     lora: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
     def to_sampling_params(self, spec: ModelSpec) -> SamplingParams:
-        stop = (
-            ()
-            if self.stop is None
-            else (self.stop,)
-            if isinstance(self.stop, str)
-            else tuple(self.stop)
-        )
-        return SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens or spec.default_max_tokens,
-            temperature=spec.default_temperature if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0,
-            seed=self.seed,
-            stop=stop,
-        )
+        values = {name: getattr(self, name) for name in SAMPLING_FIELDS}
+        # OpenAI's max_completion_tokens replaces max_tokens, which it still accepts.
+        if self.max_completion_tokens is not None:
+            values["max_tokens"] = self.max_completion_tokens
+        return SamplingParams.resolve(spec, **values)
 
 
 class ChatCompletionBody(OpenAIBody):

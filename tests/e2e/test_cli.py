@@ -58,6 +58,8 @@ def test_run_writes_one_line_per_input_line_in_order(tmp_path: Path, models_dir:
     assert {row.get("custom_id") for row in rows} >= {"request-1", "request-2"}
     assert f"jobs: {len(rows)} ({len(rows) - 6} succeeded, 6 failed)" in result.stderr
     assert "completion tokens/s" in result.stderr and "cost: $" in result.stderr
+    # What a user needs (the progress bar, the summary, warnings) and no library chatter.
+    assert not [line for line in result.stderr.splitlines() if " INFO " in line], result.stderr
 
 
 def test_submit_waits_and_downloads_the_output_and_error_files(

@@ -7,7 +7,7 @@ from jobs.queries import Outcome
 from jobs.settings import Settings
 from jobs.storage import Storage
 from tests.factories import make_job
-from worker.runtime import place_response
+from worker.results import place_response
 
 
 def succeeded_job(

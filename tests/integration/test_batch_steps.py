@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from jobs import batches, queries
+from jobs import batches, maintenance, queries
 from jobs.db import session_scope
 from jobs.models import Batch, BatchStatus, FileObject
 from jobs.queries import Outcome
@@ -22,7 +22,7 @@ from jobs.schemas.batches import BatchCreate
 from jobs.settings import Settings
 from jobs.storage import Storage, storage_from_settings
 from jobs.timeutil import utcnow
-from worker.runtime import place_response
+from worker.results import place_response
 
 CHAT = "/v1/chat/completions"
 
@@ -76,7 +76,7 @@ def advance(settings: Settings, storage: Storage) -> None:
     def scope():  # type: ignore[no-untyped-def]
         return session_scope(settings.database_url)
 
-    batches.advance(scope, storage, CeleryJobQueue(settings), settings)
+    maintenance.advance(scope, storage, CeleryJobQueue(settings), settings)
 
 
 def test_poison_lines_become_error_lines_and_the_rest_of_the_batch_runs(

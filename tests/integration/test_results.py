@@ -11,7 +11,7 @@ from jobs.schemas.jobs import job_public
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from tests.factories import make_job
-from worker.runtime import place_response
+from worker.results import place_response
 
 
 def record(session: Session, settings: Settings, storage: LocalStorage, text: str) -> str:

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from jobs import files
-from jobs.batch_lines import error_line, output_line
+from jobs.batches.output_format import error_line, output_line
 from jobs.models import Job
 
 

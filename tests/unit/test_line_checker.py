@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from jobs.batches import (
+from jobs.batches.lines import (
     MAX_CUSTOM_ID_CHARS,
     MAX_MESSAGE_CHARS,
     MAX_PARAM_CHARS,

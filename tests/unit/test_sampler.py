@@ -1,8 +1,13 @@
 """Each sampling parameter against a small reference on fixed logits."""
 
+from dataclasses import fields, replace
+
 import torch
 
+from jobs.registry import resolve_model
 from jobs.sampling import SamplingParams
+from jobs.schemas.native import JobCreate
+from jobs.schemas.openai import ChatCompletionBody
 from worker.engine.sampler import SamplingTensors, apply_penalties, filtered_probs, sample
 
 VOCAB = 6
@@ -144,3 +149,56 @@ def test_a_temperature_too_small_for_float32_is_greedy() -> None:
     seen, counts = no_history()
     assert SamplingParams(temperature=1e-40).greedy
     assert int(sample(LOGITS, seen, counts, tensors(temperature=1e-40, seed=3))) == 4
+
+
+# A model whose defaults differ from the built-in ones, to tell the three sources apart.
+SPEC = replace(
+    resolve_model("tiny-random-mistral"), default_max_tokens=77, default_temperature=0.25
+)
+
+
+def test_resolve_takes_the_users_value_then_the_models_then_the_built_in_one() -> None:
+    params = SamplingParams.resolve(SPEC, temperature=0.0, top_k=None, seed=None, stop="##")
+    assert (params.temperature, params.max_tokens) == (0.0, 77)  # a 0 given is kept
+    assert (params.top_k, params.top_p, params.repetition_penalty, params.seed) == (0, 1, 1, None)
+    assert params.stop == ("##",)
+    assert SamplingParams.resolve(SPEC, max_tokens=5, stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams.resolve(SPEC).temperature == 0.25
+
+
+def test_both_dialects_resolve_the_same_fields_alike() -> None:
+    given = {"max_tokens": 9, "top_p": 0.5, "top_k": 3, "min_p": 0.1, "seed": 4, "stop": "x"}
+    native = JobCreate.model_validate({"prompt": "hi", **given})
+    chat = ChatCompletionBody.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], **given}
+    )
+    assert native.to_sampling_params(SPEC) == chat.to_sampling_params(SPEC)
+    assert native.to_sampling_params(SPEC) == SamplingParams(
+        max_tokens=9, temperature=0.25, top_p=0.5, top_k=3, min_p=0.1, seed=4, stop=("x",)
+    )
+
+
+def test_each_dialect_keeps_its_own_rules() -> None:
+    # Workers AI admits repetition_penalty 0, which means no penalty.
+    native = JobCreate.model_validate({"prompt": "hi", "repetition_penalty": 0})
+    assert native.to_sampling_params(SPEC).repetition_penalty == 1.0
+    # OpenAI's max_completion_tokens wins over its older max_tokens.
+    chat = ChatCompletionBody.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    )
+    assert chat.to_sampling_params(SPEC).max_tokens == 5
+    both = chat.model_copy(update={"max_completion_tokens": 7})
+    assert both.to_sampling_params(SPEC).max_tokens == 7
+
+
+def test_every_sampling_parameter_is_a_column_or_named_as_none() -> None:
+    batch = SamplingTensors.from_params(
+        [SamplingParams(top_k=2, seed=1), SamplingParams(top_p=3.0)], VOCAB, torch.device("cpu")
+    )
+    columns = {f.name for f in fields(batch)} - {"greedy", "generators"}
+    not_columns = {"max_tokens", "seed", "stop"}
+    assert columns == {f.name for f in fields(SamplingParams)} - not_columns
+    assert batch.top_k.tolist() == [2, VOCAB] and batch.top_p.tolist() == [1.0, 1.0]
+    assert batch.top_k.dtype == torch.int64 and batch.min_p.dtype == torch.float32
+    kept_rows = batch.select(torch.tensor([1]))
+    assert kept_rows.top_k.tolist() == [VOCAB] and len(kept_rows.generators) == 1

@@ -6,70 +6,63 @@ depend on the other rows of its batch. The vocabulary is sorted only for the row
 for top_p: top_k takes a threshold from `topk`, min_p one from the row's best token.
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
 from jobs.sampling import SamplingParams
 
+# Every SamplingParams field is a per-row column of SamplingTensors, a float32 one holding the
+# field's own value, except for these few. Not columns: max_tokens (the decode loop's), seed
+# (it seeds the row's generator) and stop (checked on the decoded text).
+_NOT_COLUMNS = frozenset({"max_tokens", "seed", "stop"})
+# Columns that hold something other than the field's own value.
+_COLUMN_RULES: dict[str, Callable[[SamplingParams, int], float]] = {
+    "top_p": lambda p, vocab_size: min(p.top_p, 1.0),  # 1 or more keeps every token
+    "top_k": lambda p, vocab_size: p.top_k if 0 < p.top_k < vocab_size else vocab_size,
+}
+_INTEGER_COLUMNS = frozenset({"top_k"})
+
 
 @dataclass
 class SamplingTensors:
-    temperature: torch.Tensor  # [B]
-    top_p: torch.Tensor  # [B]
-    top_k: torch.Tensor  # [B], vocab size where the row keeps every token
-    min_p: torch.Tensor  # [B]
-    repetition_penalty: torch.Tensor  # [B]
-    frequency_penalty: torch.Tensor  # [B]
-    presence_penalty: torch.Tensor  # [B]
-    greedy: torch.Tensor  # [B] bool
+    """One column per sampling parameter (a [B] tensor, row i for params[i]), `greedy`, and
+    the rows' generators."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor  # vocab size where the row keeps every token
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    greedy: torch.Tensor  # bool
     generators: list[torch.Generator]
 
     @classmethod
     def from_params(
         cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device
     ) -> "SamplingTensors":
-        def column(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        generators = []
-        for p in params:
-            generator = torch.Generator(device="cpu")
-            if p.seed is not None:
-                generator.manual_seed(p.seed)
-            else:
-                generator.seed()
-            generators.append(generator)
+        columns = {}
+        for name in (f.name for f in fields(SamplingParams) if f.name not in _NOT_COLUMNS):
+            rule = _COLUMN_RULES.get(name)
+            values = [rule(p, vocab_size) if rule else getattr(p, name) for p in params]
+            dtype = torch.int64 if name in _INTEGER_COLUMNS else torch.float32
+            columns[name] = torch.tensor(values, dtype=dtype, device=device)
         return cls(
-            temperature=column([p.temperature for p in params]),
-            top_p=column([min(p.top_p, 1.0) for p in params]),
-            top_k=torch.tensor(
-                [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params],
-                device=device,
-            ),
-            min_p=column([p.min_p for p in params]),
-            repetition_penalty=column([p.repetition_penalty for p in params]),
-            frequency_penalty=column([p.frequency_penalty for p in params]),
-            presence_penalty=column([p.presence_penalty for p in params]),
+            **columns,
             greedy=torch.tensor([p.greedy for p in params], device=device),
-            generators=generators,
+            generators=[_generator(p.seed) for p in params],
         )
 
     def select(self, keep: torch.Tensor) -> "SamplingTensors":
         """The rows still decoding, in the same order."""
         rows = keep.tolist()
-        return SamplingTensors(
-            temperature=self.temperature[keep],
-            top_p=self.top_p[keep],
-            top_k=self.top_k[keep],
-            min_p=self.min_p[keep],
-            repetition_penalty=self.repetition_penalty[keep],
-            frequency_penalty=self.frequency_penalty[keep],
-            presence_penalty=self.presence_penalty[keep],
-            greedy=self.greedy[keep],
-            generators=[self.generators[row] for row in rows],
-        )
+        columns = {
+            f.name: getattr(self, f.name)[keep] for f in fields(self) if f.name != "generators"
+        }
+        return SamplingTensors(**columns, generators=[self.generators[row] for row in rows])
 
     @property
     def uses_repetition_penalty(self) -> bool:
@@ -167,3 +160,13 @@ def sample(
         probs.gather(1, sampled.unsqueeze(1)).squeeze(1) > 0, sampled, probs.argmax(dim=-1)
     )
     return torch.where(tensors.greedy, greedy_tokens, sampled)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A row's own generator: seeded where the row asks, from fresh entropy otherwise."""
+    generator = torch.Generator(device="cpu")
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator

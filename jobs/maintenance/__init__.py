@@ -1,4 +1,8 @@
-"""The periodic pass that keeps jobs moving whatever happened to workers and the broker."""
+"""The periodic pass that keeps jobs and batches moving whatever happened to workers and the
+broker. `run_pass` is the one pass, which both the worker's maintenance thread and `mbatch beat`
+run (`repeat` runs it on a timer): the jobs' part (`jobs.maintenance.jobs`) and then the
+batches' part (`jobs.maintenance.batches`), each run whatever happened to the other.
+"""
 
 import logging
 import threading
@@ -7,23 +11,15 @@ from contextlib import AbstractContextManager
 
 from sqlalchemy.orm import Session
 
-from jobs import batches, queries
+from jobs.maintenance.batches import advance, enforce_max_cost, expire_due
+from jobs.maintenance.jobs import maintain
 from jobs.queue import JobQueue
-from jobs.service import publish
 from jobs.settings import Settings
 from jobs.storage import Storage
 
+__all__ = ["advance", "enforce_max_cost", "expire_due", "maintain", "repeat", "run_pass"]
+
 log = logging.getLogger(__name__)
-
-
-def maintain(session: Session, queue: JobQueue, settings: Settings) -> int:
-    """Give back expired claims, start due scheduled jobs, publish queued jobs whose message
-    may be lost. Returns how many messages it published."""
-    requeued = queries.release_expired(session, settings.max_attempts)
-    due = queries.due_for_publish(session, settings.requeue_after_seconds)
-    jobs = {job.id: job for job in requeued + due}
-    publish(session, queue, list(jobs.values()))
-    return len(jobs)
 
 
 def run_pass(
@@ -41,7 +37,7 @@ def run_pass(
             log.info("published %d jobs", published)
     except Exception:
         log.exception("the jobs' maintenance pass failed; the batches' runs anyway")
-    batches.advance(scope, storage, queue, settings)
+    advance(scope, storage, queue, settings)
 
 
 def repeat(interval: float, action: Callable[[], None], name: str, stop: threading.Event) -> None:

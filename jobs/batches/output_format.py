@@ -1,6 +1,7 @@
-"""The lines of a batch's output and error files, in OpenAI's batch output format.
-
-Pure functions of a finished job (or a refused line), so the format is tested on fixed inputs.
+"""The lines of a batch's output and error files, in OpenAI's batch output format: a finished
+job's `output_line` (with its `response_body`, a `chat.completion` or `text_completion`) and the
+`error_line` of a line that produced no response. Pure functions of a job (or a refused line),
+so the format is tested on fixed inputs.
 """
 
 from decimal import Decimal

@@ -1,0 +1,44 @@
+"""Batches (the OpenAI Batch API), one module per step of a batch's life: `lines` checks input
+lines and `output_format` writes output and error lines; `store` keeps the batch rows; `steps`
+is the lease the long steps are taken under; `validation` turns lines into jobs; `finalize`
+writes the output and error files; `estimate` is the dry run and `retry` the retry of failed
+lines. The passes that move batches forward are in `jobs.maintenance.batches`. This module is
+the package's API: the names its callers use.
+"""
+
+from jobs.batches.estimate import estimate
+from jobs.batches.finalize import finalize, finalize_if_done
+from jobs.batches.lines import InvalidLine, LineChecker, ValidLine, check_file, owner_adapters
+from jobs.batches.retry import retry_failed
+from jobs.batches.store import (
+    cancel_batch,
+    create_batch,
+    get_batch,
+    input_file,
+    line_job_id,
+    list_batches,
+    request_counts,
+    usage,
+)
+from jobs.batches.validation import validate_batch
+
+__all__ = [
+    "InvalidLine",
+    "LineChecker",
+    "ValidLine",
+    "cancel_batch",
+    "check_file",
+    "create_batch",
+    "estimate",
+    "finalize",
+    "finalize_if_done",
+    "get_batch",
+    "input_file",
+    "line_job_id",
+    "list_batches",
+    "owner_adapters",
+    "request_counts",
+    "retry_failed",
+    "usage",
+    "validate_batch",
+]

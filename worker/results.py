@@ -1,0 +1,116 @@
+"""Placing, recording and giving back the results of claimed jobs."""
+
+import logging
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from jobs import queries
+from jobs.outages import unavailable
+from jobs.pricing import price
+from jobs.queries import Claim, Outcome
+from jobs.registry import ModelSpec
+from jobs.service import publish
+from jobs.storage import Storage
+from worker.claims import ClaimedRow
+from worker.engine.decode import CANCELLED, Generation
+from worker.services import Services
+
+log = logging.getLogger(__name__)
+
+
+def result_key(job_id: str) -> str:
+    return f"results/{job_id}.txt"
+
+
+def place_response(
+    storage: Storage, job_id: str, text: str, inline_max_bytes: int
+) -> tuple[str | None, str | None]:
+    """Where a response is kept: `(text, None)` in the row, or `(None, key)` in object storage.
+
+    Large responses go to storage, and so does any with a NUL character, which a model can
+    emit (byte-fallback `<0x00>`) and Postgres text cannot hold.
+    """
+    if len(text.encode()) <= inline_max_bytes and "\x00" not in text:
+        return text, None
+    key = result_key(job_id)
+    storage.put_bytes(key, text.encode())
+    return None, key
+
+
+class Results:
+    """What becomes of a claimed job: its result recorded, its failure, or its claim given
+    back to run again."""
+
+    def __init__(self, services: Services, spec: ModelSpec) -> None:
+        self.services = services
+        self.spec = spec
+
+    def record(self, row: ClaimedRow, generation: Generation) -> bool:
+        """Record one result. A job whose result cannot be stored fails alone, at once; one
+        whose database or storage is away for a moment is given back to run again, without
+        spending an attempt."""
+        if generation.finish_reason == CANCELLED:
+            log.info("job %s was cancelled or reclaimed mid-decode; stopped", row.claim.job.id)
+            return False
+        try:
+            with self.services.session_scope() as session:
+                if queries.record_success(session, row.claim, self._outcome(row, generation)):
+                    return True
+                log.info("job %s was cancelled or reclaimed; result dropped", row.claim.job.id)
+                return False
+        except Exception as exc:
+            if (down := unavailable(exc)) is not None:
+                log.warning(
+                    "job %s not recorded (%s is unavailable); given back", row.claim.job.id, down
+                )
+                self.return_for_outage([row.claim])
+                return False
+            if isinstance(exc, BotoCoreError | ClientError | OSError):
+                # Refused by storage (access denied, say): tried again, within max_attempts.
+                log.exception("could not store job %s's result; giving it back", row.claim.job.id)
+                self.give_back([row.claim], repr(exc))
+                return False
+            log.exception("could not record the result of job %s", row.claim.job.id)
+            self.fail([row.claim], "result_not_stored", f"the result could not be stored: {exc}")
+            return False
+
+    def fail(self, claims: list[Claim], code: str, message: str) -> None:
+        """The jobs fail for good, with this error."""
+        with self.services.session_scope() as session:
+            for claim in claims:
+                queries.record_failure(session, claim, code, message)
+
+    def return_for_outage(self, claims: list[Claim]) -> None:
+        """Give jobs back, at no cost to their attempts, to run once the outage is over. If
+        the database is down too, their leases lapse and maintenance gives them back."""
+        try:
+            with self.services.session_scope() as session:
+                queries.return_claims(session, claims, self.services.settings.outage_retry_seconds)
+        except Exception:
+            log.exception("could not give back %d jobs; their leases will lapse", len(claims))
+
+    def give_back(self, claims: list[Claim], reason: str) -> None:
+        """Give jobs back to run again, spending an attempt of each (within max_attempts)."""
+        with self.services.session_scope() as session:
+            requeued = queries.release_claims(
+                session, claims, self.services.settings.max_attempts, reason
+            )
+            publish(session, self.services.queue, requeued)
+
+    def _outcome(self, row: ClaimedRow, generation: Generation) -> Outcome:
+        cost = price(self.spec, len(row.prompt), len(generation.token_ids))
+        text, uri = place_response(
+            self.services.storage,
+            row.claim.job.id,
+            generation.text,
+            self.services.settings.result_inline_max_bytes,
+        )
+        return Outcome(
+            completion_tokens=len(generation.token_ids),
+            finish_reason=generation.finish_reason,
+            response_text=text,
+            response_uri=uri,
+            cost_input=cost.input,
+            cost_output=cost.output,
+            compute_seconds=generation.compute_seconds,
+        )
