@@ -8,7 +8,11 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, DefaultJsonContentType, RefuseNul
 from api.openapi import install_openapi
-from api.routes import batches, files, health, jobs, loras
+from api.routes.batches import router as batches_router
+from api.routes.files import router as files_router
+from api.routes.health import router as health_router
+from api.routes.jobs import router as jobs_router
+from api.routes.loras import router as loras_router
 from jobs.queue import CeleryJobQueue
 from jobs.settings import Settings, get_settings
 from jobs.storage import storage_from_settings
@@ -42,10 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RefuseNul)
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(jobs.router)
-    app.include_router(loras.router)
-    app.include_router(files.router)
-    app.include_router(batches.router)
+    for router in (health_router, jobs_router, loras_router, files_router, batches_router):
+        app.include_router(router)
     install_openapi(app)
     return app

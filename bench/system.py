@@ -104,7 +104,7 @@ def run_system(
             failed = session.scalar(select(func.count()).where(Job.status != JobStatus.succeeded))
             batches = session.execute(
                 select(func.count(Job.id), func.min(Job.started_at), func.max(Job.finished_at))
-                .group_by(Job.batch_id)
+                .group_by(Job.group_id)
                 .order_by(func.min(Job.started_at))
             ).all()
             print("batch sizes, in order:", " ".join(str(size) for size, _, _ in batches))

@@ -56,7 +56,7 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_model_status_created", "model", "status", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
-        Index("ix_jobs_file_batch_line", "file_batch_id", "line"),
+        Index("ix_jobs_batch_line", "batch_id", "line"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -91,10 +91,11 @@ class Job(Base):
     claim_token: Mapped[str | None] = mapped_column(String(40))
     claimed_by: Mapped[str | None] = mapped_column(String(256))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # The jobs claimed together, which ran in one static batch (or its length groups).
-    batch_id: Mapped[str | None] = mapped_column(String(40))
+    # The decode group: the jobs claimed together, which ran in one static batch (or its
+    # length groups).
+    group_id: Mapped[str | None] = mapped_column(String(40))
     # The Batches-API batch (made from an input file) this job is a line of, and which line.
-    file_batch_id: Mapped[str | None] = mapped_column(String(40))
+    batch_id: Mapped[str | None] = mapped_column(String(40))
     custom_id: Mapped[str | None] = mapped_column(String(512))
     line: Mapped[int | None] = mapped_column(Integer)
 

@@ -102,7 +102,7 @@ def claim_batch(
     ).all()
     chosen = choose(list(candidates)) if choose is not None else list(candidates)
     now = utcnow()
-    batch_id = "batch_" + secrets.token_hex(8)
+    group_id = "grp_" + secrets.token_hex(8)
     claims = []
     for job in chosen:
         token = secrets.token_hex(16)
@@ -116,7 +116,7 @@ def claim_batch(
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 attempts=Job.attempts + 1,
                 started_at=now,
-                batch_id=batch_id,
+                group_id=group_id,
             )
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]

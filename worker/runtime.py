@@ -90,7 +90,7 @@ class WorkerRuntime:
     def _finalize_file_batches(self, claims: list[Claim]) -> None:
         """A file batch whose last lines just ran gets its output files now, not at the next
         maintenance pass; one that has spent its max_cost stops."""
-        batch_ids = {c.job.file_batch_id for c in claims if c.job.file_batch_id is not None}
+        batch_ids = {c.job.batch_id for c in claims if c.job.batch_id is not None}
         try:
             with self.session_scope() as session:
                 enforce_max_cost(session, batch_ids)

@@ -55,6 +55,6 @@ def cancel_job(
 ) -> JobPublic:
     """Cancel a job that has not finished."""
     job = service.cancel_job(session, owner, job_id)
-    if job.file_batch_id is not None:  # it may have been its batch's last line
-        background.add_task(batches.finalize, scope, storage, settings, job.file_batch_id)
+    if job.batch_id is not None:  # it may have been its batch's last line
+        background.add_task(batches.finalize, scope, storage, settings, job.batch_id)
     return job_public(job, storage)

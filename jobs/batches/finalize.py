@@ -55,7 +55,7 @@ def _unfinished_lines(session: Session, batch_id: str) -> int:
         session.scalar(
             select(func.count())
             .select_from(Job)
-            .where(Job.file_batch_id == batch_id, Job.status.in_(UNFINISHED))
+            .where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED))
         )
         or 0
     )
@@ -165,7 +165,7 @@ def _write_file(
 def _jobs_of(session: Session, batch_id: str, *condition: Any) -> Iterator[Job]:
     query = (
         select(Job)
-        .where(Job.file_batch_id == batch_id, *condition)
+        .where(Job.batch_id == batch_id, *condition)
         .order_by(Job.line)
         .execution_options(yield_per=500)
     )

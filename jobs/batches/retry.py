@@ -28,7 +28,7 @@ def retry_failed(
         raise Conflict(f"the input file of batch {batch.id} was deleted", param="id")
     succeeded = set(
         session.scalars(
-            select(Job.line).where(Job.file_batch_id == batch.id, Job.status == JobStatus.succeeded)
+            select(Job.line).where(Job.batch_id == batch.id, Job.status == JobStatus.succeeded)
         )
     )
     with tempfile.TemporaryFile() as out, files.open_stored(storage, source, "id") as stream:

@@ -117,7 +117,7 @@ def list_batches(
 
 def job_counts(session: Session, batch_id: str) -> dict[JobStatus, int]:
     rows = session.execute(
-        select(Job.status, func.count()).where(Job.file_batch_id == batch_id).group_by(Job.status)
+        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
     ).all()
     return {status: count for status, count in rows}
 
@@ -141,7 +141,7 @@ def spent(session: Session, batch_id: str) -> tuple[int, int, Decimal]:
             func.coalesce(func.sum(Job.completion_tokens), 0),
             func.coalesce(func.sum(Job.cost_input), 0),
             func.coalesce(func.sum(Job.cost_output), 0),
-        ).where(Job.file_batch_id == batch_id, Job.status == JobStatus.succeeded)
+        ).where(Job.batch_id == batch_id, Job.status == JobStatus.succeeded)
     ).one()
     return int(prompt or 0), int(completion or 0), Decimal(cost_in or 0) + Decimal(cost_out or 0)
 
@@ -161,7 +161,7 @@ def stop_jobs(session: Session, batch_id: str, code: str, message: str) -> None:
     """Cancel the batch's jobs that have not finished; a running one's result is dropped."""
     session.execute(
         update(Job)
-        .where(Job.file_batch_id == batch_id, Job.status.in_(UNFINISHED))
+        .where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED))
         .values(
             status=JobStatus.cancelled,
             finished_at=utcnow(),

@@ -52,7 +52,7 @@ def _job_row(batch: Batch, line: ValidLine) -> dict[str, Any]:
         "attempts": 0,
         "created_at": now,
         "enqueued_at": now,
-        "file_batch_id": batch.id,
+        "batch_id": batch.id,
         "custom_id": line.custom_id,
         "line": line.line,
     }

@@ -54,7 +54,7 @@ def advance(scope: SessionScope, storage: Storage, queue: JobQueue, settings: Se
                 )
             )
         )
-        unfinished = exists().where(and_(Job.file_batch_id == Batch.id, Job.status.in_(UNFINISHED)))
+        unfinished = exists().where(and_(Job.batch_id == Batch.id, Job.status.in_(UNFINISHED)))
         ready = list(
             session.scalars(
                 select(Batch.id).where(

@@ -173,7 +173,7 @@ def assert_partial_output_and_nothing_after(
     client: OpenAI, settings: Settings, done: Any, stopped_at: int
 ) -> None:
     with session_scope(settings.database_url) as session:
-        jobs = session.query(Job).filter(Job.file_batch_id == done.id).all()
+        jobs = session.query(Job).filter(Job.batch_id == done.id).all()
         succeeded = {job.custom_id for job in jobs if job.status == JobStatus.succeeded}
         assert all(job.status.finished for job in jobs)
         late = [

@@ -107,4 +107,4 @@ def test_one_batch_mixes_adapters_and_base_rows_and_bad_adapters_fail_alone(
         rows = [session.get(Job, job["id"]) for *_, job in good] + [
             session.get(Job, job["id"]) for job in doomed
         ]
-        assert len({row.batch_id for row in rows if row}) == 1
+        assert len({row.group_id for row in rows if row}) == 1

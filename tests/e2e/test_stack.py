@@ -178,7 +178,7 @@ def test_jobs_of_different_clients_share_one_batch(
     with session_scope(settings.database_url) as session:
         rows = [session.get(Job, job["id"]) for job in jobs]
         assert {row.owner for row in rows if row} == {"carol", "erin"}
-        assert len({row.batch_id for row in rows if row}) == 1
+        assert len({row.group_id for row in rows if row}) == 1
 
 
 def test_cancelled_jobs_stop_decoding_at_once_and_free_the_worker(
