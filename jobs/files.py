@@ -108,6 +108,8 @@ def create_file(
         storage_key="",
     )
     file.storage_key = storage_key(file.id)
+    # The object first: a row never names contents that are not there. If the unit of work
+    # then rolls back, the object is left unnamed, which costs storage and nothing else.
     storage.put_stream(file.storage_key, stream)
     session.add(file)
     session.flush()

@@ -80,15 +80,13 @@ def claim_batch(
     first_id: str | None = None,
     choose: Callable[[list[Job]], list[Job]] | None = None,
 ) -> list[Claim]:
-    """Claim queued jobs of `model` for one static batch (`choose` picks among the oldest
-    `limit`, the message's own job first). Its own transaction, committed here: a claim is
-    a step of the job's state machine, visible to every worker at once."""
     """Claim queued jobs of `model`: of the `limit` oldest (`first_id` first), those that
     `choose` picks, or all of them.
 
     Rows locked by another claimer are skipped (Postgres `SKIP LOCKED`), so concurrent
     workers never claim the same job. Each claim counts as an attempt, and the jobs claimed
-    together share a batch id.
+    together share a decode group id (`grp_...`). Its own transaction, committed here: a
+    claim is a step of the job's state machine, visible to every worker at once.
     """
     order: list[Any] = [Job.created_at]
     if first_id is not None:
@@ -226,7 +224,7 @@ def _give_back(
     """Queue a claimed job again, or fail it once it is out of attempts; True if queued.
 
     With `expired_before`, only while the lease is still expired then: a worker that renewed
-    it in the meantime keeps its job.
+    it in the meantime keeps its job. Its own transaction, committed here.
     """
     lease = () if expired_before is None else (Job.lease_expires_at < expired_before,)
     if claim.job.attempts >= max_attempts:
@@ -286,7 +284,8 @@ def due_for_publish(
 
     A queued job counts once it was never published or was published long ago: a broker
     restart can drop messages, and a spare message costs nothing, since claims decide. At
-    most `limit` a pass, oldest first, and only their ids and models are loaded.
+    most `limit` a pass, oldest first, and only their ids and models are loaded. Its own
+    transaction (due jobs queued), committed here.
     """
     now = now or utcnow()
     session.execute(
@@ -315,8 +314,8 @@ def release_claims(
     session: Session, claims: list[Claim], max_attempts: int, reason: str
 ) -> list[Job]:
     """Give claimed jobs back after a failure that was not theirs alone: queued again, or
-    failed when out of attempts. Returns the jobs queued again. Its own transaction,
-    committed here."""
+    failed when out of attempts. Returns the jobs queued again. Each job's move is its own
+    transaction, committed here."""
     return [
         claim.job
         for claim in claims
@@ -329,7 +328,8 @@ def return_claims(session: Session, claims: list[Claim], delay_seconds: float) -
     the claim is not counted as an attempt, since nothing about the jobs failed, and an
     outage that outlasts their attempts must not fail them. They wait `delay_seconds`
     (`scheduled`, which maintenance starts when due), so that a long outage is waited out
-    at a steady pace rather than decoded again and again. Returns how many were given back."""
+    at a steady pace rather than decoded again and again. Returns how many were given back.
+    Its own transaction, committed here."""
     returned = 0
     run_at = utcnow() + timedelta(seconds=delay_seconds)
     for claim in claims:

@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     # again after this long (its attempts untouched), however long the outage lasts.
     outage_retry_seconds: Seconds = 10.0
     # A broker message not acknowledged within this time is delivered again by Redis; it must
-    # exceed the longest time a message is held: lease_seconds plus batch_wait_ms.
+    # exceed the time a message is held, at least lease_seconds plus batch_wait_ms (a batch
+    # renews its lease, so a long one holds its message longer: set it well above).
     visibility_timeout_seconds: AtLeastOne = 6 * 3600
 
     # Results larger than this many UTF-8 bytes are kept in object storage, not in the row.
@@ -103,16 +104,17 @@ class Settings(BaseSettings):
     def _fit_together(self) -> "Settings":
         # Redis delivers a message again once it has gone unacknowledged for the visibility
         # timeout. A message is acknowledged after its batch: the straggler wait, then a run
-        # under a lease. Held longer than the timeout, it would be delivered to a second
-        # worker while the first still runs it (Postgres refuses the second claim, but the
-        # work of waking for it is wasted). A message waiting in the queue is not held (one
-        # is fetched at a time), so requeue_after_seconds does not enter into it.
+        # under a lease (renewed, so a long batch holds it longer still: this is the least).
+        # Held longer than the timeout, it would be delivered to a second worker while the
+        # first still runs it (Postgres refuses the second claim, but the work of waking for
+        # it is wasted). A message waiting in the queue is not held (one is fetched at a
+        # time), so requeue_after_seconds does not enter into it.
         held = self.lease_seconds + self.batch_wait_ms / 1000
         if self.visibility_timeout_seconds <= held:
             raise SettingError(
                 f"{env_name('visibility_timeout_seconds')}={self.visibility_timeout_seconds}: "
                 f"must be more than {env_name('lease_seconds')} plus "
-                f"{env_name('batch_wait_ms')} ({held:g} s), the longest a message is held"
+                f"{env_name('batch_wait_ms')} ({held:g} s), the least time a message is held"
             )
         return self
 

@@ -84,10 +84,10 @@ class WorkerRuntime:
             recorded = sum(self._run_group(group) for group in groups)
         finally:
             self.running.clear()
-        self._finalize_file_batches(claims)
+        self._finalize_batches(claims)
         return recorded
 
-    def _finalize_file_batches(self, claims: list[Claim]) -> None:
+    def _finalize_batches(self, claims: list[Claim]) -> None:
         """A file batch whose last lines just ran gets its output files now, not at the next
         maintenance pass; one that has spent its max_cost stops."""
         batch_ids = {c.job.batch_id for c in claims if c.job.batch_id is not None}

@@ -1,13 +1,13 @@
 """Batches (the OpenAI Batch API), one module per step of a batch's life: `lines` checks input
 lines and `output_format` writes output and error lines; `store` keeps the batch rows; `steps`
-is the lease the long steps are taken under; `validation` turns lines into jobs; `finalize`
-writes the output and error files; `estimate` is the dry run and `retry` the retry of failed
+is the lease the long steps are taken under; `validation` turns lines into jobs; `finalizing`
+writes the output and error files; `estimating` is the dry run and `retry` the retry of failed
 lines. The passes that move batches forward are in `jobs.maintenance.batches`. This module is
 the package's API: the names its callers use.
 """
 
-from jobs.batches.estimate import estimate
-from jobs.batches.finalize import finalize, finalize_if_done
+from jobs.batches.estimating import estimate
+from jobs.batches.finalizing import finalize, finalize_if_done
 from jobs.batches.lines import InvalidLine, LineChecker, ValidLine, check_file, owner_adapters
 from jobs.batches.retry import retry_failed
 from jobs.batches.store import (

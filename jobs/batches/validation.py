@@ -3,6 +3,7 @@ records the good lines as queued jobs and the bad ones as line errors, in chunks
 under the step's lease and only while the batch is still validating. A line's job id is fixed
 by its batch and line number, so a step taken up again adds nothing twice. The batch then
 moves on to `in_progress`, or straight to finalizing when no line was good.
+Like every step (see `steps`), it is a unit of work of its own, and commits as it goes.
 """
 
 import logging
@@ -13,7 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from jobs import files
-from jobs.batches.finalize import finalize
+from jobs.batches.finalizing import finalize
 from jobs.batches.lines import InvalidLine, LineChecker, ValidLine, check_file, owner_adapters
 from jobs.batches.steps import STEP_LEASE, SessionScope, Step, step_guard, take_step
 from jobs.batches.store import STEP_RESET, line_job_id

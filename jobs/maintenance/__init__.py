@@ -1,6 +1,6 @@
 """The periodic pass that keeps jobs and batches moving whatever happened to workers and the
 broker. `run_pass` is the one pass, which both the worker's maintenance thread and `mbatch beat`
-run (`repeat` runs it on a timer): the jobs' part (`jobs.maintenance.jobs`) and then the
+run (`repeat` runs it on a timer): the jobs' part (`jobs.maintenance.requeue`) and then the
 batches' part (`jobs.maintenance.batches`), each run whatever happened to the other.
 """
 
@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from sqlalchemy.orm import Session
 
 from jobs.maintenance.batches import advance, enforce_max_cost, expire_due
-from jobs.maintenance.jobs import maintain
+from jobs.maintenance.requeue import maintain
 from jobs.queue import JobQueue
 from jobs.settings import Settings
 from jobs.storage import Storage

@@ -12,7 +12,7 @@ from datetime import timedelta
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from jobs.batches.finalize import finalize
+from jobs.batches.finalizing import finalize
 from jobs.batches.steps import SessionScope, lease_free
 from jobs.batches.store import STEP_RESET, UNFINISHED, spent, stop_jobs
 from jobs.batches.validation import validate_batch

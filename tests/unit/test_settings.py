@@ -70,13 +70,13 @@ def test_an_unusable_storage_url(url: str) -> None:
     ]
 
 
-def test_the_visibility_timeout_outlasts_the_longest_a_message_is_held() -> None:
+def test_the_visibility_timeout_outlasts_the_least_time_a_message_is_held() -> None:
     """A message is acknowledged after the straggler wait and a batch run under a lease;
     Redis must not deliver it again before."""
     assert problems(visibility_timeout_seconds=61, lease_seconds=60, batch_wait_ms=500) == []
     expected = (
         "MBATCH_VISIBILITY_TIMEOUT_SECONDS=60: must be more than MBATCH_LEASE_SECONDS plus "
-        "MBATCH_BATCH_WAIT_MS (60.5 s), the longest a message is held"
+        "MBATCH_BATCH_WAIT_MS (60.5 s), the least time a message is held"
     )
     assert problems(visibility_timeout_seconds=60, lease_seconds=60, batch_wait_ms=500) == [
         expected

@@ -2,6 +2,7 @@
 output and error files are written, in line order, under the step's lease, and the batch gets
 its final status and counts. A line whose stored result is lost becomes an error line rather
 than failing the file; `finalize_if_done` is what the worker calls after each static batch.
+Like every step (see `steps`), it is a unit of work of its own, and commits as it goes.
 """
 
 import hashlib
