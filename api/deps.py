@@ -9,7 +9,7 @@ from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from jobs.db import get_session_factory, session_scope
+from jobs.db import get_session_factory, session_scope, unit_of_work
 from jobs.keys import authenticate
 from jobs.queue import JobQueue
 from jobs.settings import Settings, get_settings
@@ -21,15 +21,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 def get_session(settings: SettingsDep) -> Iterator[Session]:
     """The request's unit of work: what the domain's functions flushed is committed once the
     handler returns, before the response is sent; an error rolls all of it back."""
-    session = get_session_factory(settings.database_url)()
-    try:
+    with unit_of_work(get_session_factory(settings.database_url)()) as session:
         yield session
-        session.commit()
-    except Exception:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # Function scope: the commit happens before the response goes out (and before background

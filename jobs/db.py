@@ -69,9 +69,8 @@ def get_session_factory(database_url: str) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(database_url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    session = get_session_factory(database_url)()
+def unit_of_work(session: Session) -> Iterator[Session]:
+    """`session` as one unit of work: committed on success, rolled back on error, closed."""
     try:
         yield session
         session.commit()
@@ -80,3 +79,10 @@ def session_scope(database_url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def session_scope(database_url: str) -> Iterator[Session]:
+    """A new session, as one unit of work."""
+    with unit_of_work(get_session_factory(database_url)()) as session:
+        yield session

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -50,13 +51,31 @@ class ApiKey(Base):
 MONEY = Numeric(20, 10)
 
 
+def _where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, for Postgres and SQLite alike."""
+    return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
+
+
+QUEUED = "status = 'queued'"
+SCHEDULED = "status = 'scheduled'"
+FINISHED = "status IN ('succeeded', 'failed', 'cancelled')"
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        # The claim: a model's queued jobs, oldest first.
         Index("ix_jobs_model_status_created", "model", "status", "created_at"),
+        # Expired leases: running jobs by lease.
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_batch_line", "batch_id", "line"),
+        # Partial indexes, so that maintenance never reads finished rows however long the
+        # history: queued jobs by when their message went out (publishing), scheduled jobs
+        # by when they are due, and finished jobs by when they ended (retention).
+        Index("ix_jobs_queued_enqueued", "model", "enqueued_at", **_where(QUEUED)),
+        Index("ix_jobs_scheduled_run_at", "run_at", **_where(SCHEDULED)),
+        Index("ix_jobs_finished_at", "finished_at", **_where(FINISHED)),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

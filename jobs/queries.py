@@ -12,11 +12,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, select, update
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy import ColumnElement, Select, String, case, cast, func, literal, select, update
+from sqlalchemy.orm import Session
 
 from jobs.errors import NotFound
 from jobs.models import Job, JobStatus
+from jobs.registry import MODELS
 from jobs.timeutil import utcnow
 
 
@@ -62,13 +63,17 @@ def is_queued(session: Session, job_id: str) -> bool:
     return session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.queued
 
 
-def count_queued(session: Session, model: str) -> int:
-    return int(
-        session.scalar(
-            select(func.count()).where(Job.model == model, Job.status == JobStatus.queued)
-        )
-        or 0
+def count_queued(session: Session, model: str, at_most: int = 1) -> int:
+    """How many jobs of `model` are queued, counted no further than `at_most`: the cost stays
+    that of reading `at_most` index entries however long the queue (with the default, 1 or 0:
+    whether any job waits)."""
+    queued = (
+        select(Job.id)
+        .where(Job.model == model, Job.status == JobStatus.queued)
+        .limit(at_most)
+        .subquery()
     )
+    return int(session.scalar(select(func.count()).select_from(queued)) or 0)
 
 
 def claim_batch(
@@ -87,52 +92,71 @@ def claim_batch(
     workers never claim the same job. Each claim counts as an attempt, and the jobs claimed
     together share a decode group id (`grp_...`). Its own transaction, committed here: a
     claim is a step of the job's state machine, visible to every worker at once.
+
+    Three statements whatever the queue's length: the message's job by primary key, the
+    oldest others through the `(model, status, created_at)` index, then one UPDATE of the
+    chosen rows that gives each its own token and returns the claimed rows whole.
     """
-    order: list[Any] = [Job.created_at]
+    candidates: list[Job] = []
+    others = select(Job).where(Job.model == model, Job.status == JobStatus.queued)
     if first_id is not None:
-        order.insert(0, case((Job.id == first_id, 0), else_=1))
-    candidates = session.scalars(
-        select(Job)
-        .where(Job.model == model, Job.status == JobStatus.queued)
-        .order_by(*order)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    chosen = choose(list(candidates)) if choose is not None else list(candidates)
-    now = utcnow()
-    group_id = "grp_" + secrets.token_hex(8)
-    claims = []
-    for job in chosen:
-        token = secrets.token_hex(16)
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.queued)
-            .values(
-                status=JobStatus.running,
-                claim_token=token,
-                claimed_by=worker_id,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1,
-                started_at=now,
-                group_id=group_id,
-            )
+        candidates.extend(
+            session.scalars(
+                others.where(Job.id == first_id).with_for_update(skip_locked=True)
+            ).all()
         )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            session.refresh(job)
-            claims.append(Claim(job, token))
+        others = others.where(Job.id != first_id)
+    if limit > len(candidates):
+        candidates.extend(
+            session.scalars(
+                others.order_by(Job.created_at)
+                .limit(limit - len(candidates))
+                .with_for_update(skip_locked=True)
+            ).all()
+        )
+    chosen = choose(candidates) if choose is not None else candidates
+    if not chosen:
+        session.commit()
+        return []
+    tokens = {job.id: secrets.token_hex(16) for job in chosen}
+    now = utcnow()
+    claimed = session.scalars(
+        update(Job)
+        .where(Job.id.in_(tokens), Job.status == JobStatus.queued)
+        .values(
+            status=JobStatus.running,
+            claim_token=case(tokens, value=Job.id),
+            claimed_by=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Job.attempts + 1,
+            started_at=now,
+            group_id="grp_" + secrets.token_hex(8),
+        )
+        .returning(Job)
+        # The returned rows replace what the SELECT loaded into the session.
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).all()
     session.commit()
-    return claims
+    by_id = {job.id: job for job in claimed}
+    return [Claim(by_id[job.id], tokens[job.id]) for job in chosen if job.id in by_id]
 
 
 def renew_leases(session: Session, claims: list[Claim], lease_seconds: int) -> None:
-    """Extend the leases of claims still held. Its own transaction, committed here."""
-    expires = utcnow() + timedelta(seconds=lease_seconds)
-    for claim in claims:
-        session.execute(
-            update(Job)
-            .where(Job.id == claim.job.id, Job.claim_token == claim.token)
-            .values(lease_expires_at=expires)
+    """Extend the leases of claims still held, in one short statement. Should it ever meet a
+    set-based release in a deadlock, Postgres ends one of them, and either runs again at its
+    next tick, before the lease it renews could lapse. Its own transaction, committed here."""
+    if not claims:
+        return
+    # Tokens are random per job, so a row whose id and token are both among the claims'
+    # is one of the claims.
+    session.execute(
+        update(Job)
+        .where(
+            Job.id.in_([claim.job.id for claim in claims]),
+            Job.claim_token.in_([claim.token for claim in claims]),
         )
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    )
     session.commit()
 
 
@@ -141,13 +165,14 @@ def lost_claims(session: Session, claims: list[Claim]) -> set[str]:
     its batch), or given to another worker after the lease lapsed."""
     if not claims:
         return set()
-    held = set(
-        session.execute(
+    held = {
+        (job_id, token)
+        for job_id, token in session.execute(
             select(Job.id, Job.claim_token).where(
                 Job.id.in_([claim.job.id for claim in claims]), Job.status == JobStatus.running
             )
-        ).tuples()
-    )
+        )
+    }
     return {claim.job.id for claim in claims if (claim.job.id, claim.token) not in held}
 
 
@@ -213,31 +238,19 @@ def record_failure(session: Session, claim: Claim, code: str, message: str) -> b
     )
 
 
-def _give_back(
-    session: Session,
-    claim: Claim,
-    max_attempts: int,
-    code: str,
-    message: str,
-    expired_before: datetime | None = None,
-) -> bool:
+def _give_back(session: Session, claim: Claim, max_attempts: int, code: str, message: str) -> bool:
     """Queue a claimed job again, or fail it once it is out of attempts; True if queued.
-
-    With `expired_before`, only while the lease is still expired then: a worker that renewed
-    it in the meantime keeps its job. Its own transaction, committed here.
-    """
-    lease = () if expired_before is None else (Job.lease_expires_at < expired_before,)
+    Its own transaction, committed here."""
     if claim.job.attempts >= max_attempts:
         _finish(
             session,
             claim,
             {"status": JobStatus.failed, "error_code": code, "error_message": message},
-            *lease,
         )
         return False
     result = session.execute(
         update(Job)
-        .where(*_held(claim), *lease)
+        .where(*_held(claim))
         .values(status=JobStatus.queued, enqueued_at=None, claim_token=None, lease_expires_at=None)
     )
     session.commit()
@@ -255,59 +268,151 @@ def expired_claims(session: Session, now: datetime | None = None) -> list[Job]:
     )
 
 
-def release_expired(session: Session, max_attempts: int, now: datetime | None = None) -> list[Job]:
+def release_expired(session: Session, max_attempts: int, now: datetime | None = None) -> list[str]:
     """Put jobs with an expired claim back in the queue, or fail those out of attempts.
 
-    Returns the jobs that are queued again, for publishing. Each job's move is its own
-    conditional UPDATE, committed here.
+    Two set-based UPDATEs, whatever the number of jobs, through the `(status,
+    lease_expires_at)` index; one transaction, committed here. Each rechecks the lease as it
+    takes the row, so a worker that renewed its lease meanwhile keeps its job. Returns the
+    ids of the jobs queued again: never published (`enqueued_at` NULL), they are the first
+    that `due_for_publish` wakes workers for.
     """
     now = now or utcnow()
-    return [
-        job
-        for job in expired_claims(session, now)
-        if job.claim_token is not None
-        and _give_back(
-            session,
-            Claim(job, job.claim_token),
-            max_attempts,
-            "worker_lost",
-            f"the worker running this job stopped {job.attempts} times",
-            expired_before=now,
-        )
-    ]
-
-
-def due_for_publish(
-    session: Session, requeue_after_seconds: int, now: datetime | None = None, limit: int = 1000
-) -> list[Job]:
-    """Queued jobs whose message may be lost, and scheduled jobs whose time has come.
-
-    A queued job counts once it was never published or was published long ago: a broker
-    restart can drop messages, and a spare message costs nothing, since claims decide. At
-    most `limit` a pass, oldest first, and only their ids and models are loaded. Its own
-    transaction (due jobs queued), committed here.
-    """
-    now = now or utcnow()
-    session.execute(
-        update(Job)
-        .where(Job.status == JobStatus.scheduled, Job.run_at <= now)
-        .values(status=JobStatus.queued, enqueued_at=None)
+    expired = (
+        Job.status == JobStatus.running,
+        Job.lease_expires_at < now,
+        Job.claim_token.is_not(None),
     )
-    stale = now - timedelta(seconds=requeue_after_seconds)
-    jobs = list(
-        session.scalars(
-            select(Job)
-            .options(load_only(Job.id, Job.model))
-            .where(
-                Job.status == JobStatus.queued,
-                (Job.enqueued_at.is_(None)) | (Job.enqueued_at < stale),
-            )
-            .order_by(Job.created_at)
-            .limit(limit)
+    released = update(Job).execution_options(synchronize_session=False)
+    requeued = session.scalars(
+        released.where(*expired, Job.attempts < max_attempts)
+        .values(status=JobStatus.queued, enqueued_at=None, claim_token=None, lease_expires_at=None)
+        .returning(Job.id)
+    ).all()
+    session.execute(
+        released.where(*expired, Job.attempts >= max_attempts).values(
+            status=JobStatus.failed,
+            error_code="worker_lost",
+            error_message=literal("the worker running this job stopped ")
+            + cast(Job.attempts, String)
+            + " times",
+            finished_at=utcnow(),
+            claim_token=None,
+            lease_expires_at=None,
         )
     )
     session.commit()
-    return jobs
+    return list(requeued)
+
+
+# The most messages one maintenance pass publishes for a model. A worker runs a batch per
+# message, a few batches between two passes (a batch of a 7B model takes seconds; a pass
+# comes every maintenance_interval_seconds), and every worker runs the pass: what the passes
+# publish together grows with the number of workers, and each pass marks at most this many
+# batches' worth of rows.
+MESSAGES_PER_MODEL = 8
+MODEL_NAMES = tuple(spec.name for spec in MODELS)
+
+
+@dataclass(frozen=True)
+class Wake:
+    """A message to publish: it names the queued job `job_id` of `model` and stands for the
+    jobs in `covers` (job_id among them), which were marked enqueued with it."""
+
+    job_id: str
+    model: str
+    covers: list[str]
+
+
+def due_for_publish(
+    session: Session,
+    requeue_after_seconds: float,
+    jobs_per_message: int,
+    now: datetime | None = None,
+    messages_per_model: int = MESSAGES_PER_MODEL,
+    start_limit: int = 1000,
+) -> list[Wake]:
+    """Start the scheduled jobs that are due, and take the messages to publish for queued
+    jobs that have no live message. Its own transaction, committed here.
+
+    A queued job has no live message once it was never published (`enqueued_at` NULL: a
+    broker that was down, a job given back) or was published more than
+    `requeue_after_seconds` ago (a broker restart can drop messages). A message only wakes a
+    worker, which then claims a whole batch of whatever is queued: so one message stands for
+    `jobs_per_message` (the batch size) such jobs, and each model gets at most
+    `messages_per_model` messages a pass, never-published jobs first, then the longest
+    published. The jobs a message stands for are marked enqueued now, with it, so that they
+    are not published again for another `requeue_after_seconds`, by this pass or any other
+    maintainer's (marking skips rows another has locked, and rechecks that they are still
+    unpublished). The caller publishes each `Wake`, and gives back with `forget_enqueued`
+    those it could not publish.
+
+    Every statement reads a partial index (queued jobs by model and `enqueued_at`, scheduled
+    jobs by `run_at`), so a pass never reads a finished row, and reads at most
+    `messages_per_model * jobs_per_message` entries a model however long the queue. At most
+    `start_limit` scheduled jobs start a pass, the longest due first.
+    """
+    now = now or utcnow()
+    due = (
+        select(Job.id)
+        .where(Job.status == JobStatus.scheduled, Job.run_at <= now)
+        .order_by(Job.run_at)
+        .limit(start_limit)
+        .with_for_update(skip_locked=True)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(due), Job.status == JobStatus.scheduled)
+        .values(status=JobStatus.queued, enqueued_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    stale = now - timedelta(seconds=requeue_after_seconds)
+    wanted = messages_per_model * jobs_per_message
+    wakes: list[Wake] = []
+    for model in MODEL_NAMES:
+        queued = select(Job.id).where(Job.model == model, Job.status == JobStatus.queued)
+        ids = _mark_enqueued(session, queued.where(Job.enqueued_at.is_(None)).limit(wanted), now)
+        if len(ids) < wanted:
+            published_long_ago = (
+                queued.where(Job.enqueued_at < stale)
+                .order_by(Job.enqueued_at)
+                .limit(wanted - len(ids))
+            )
+            ids += _mark_enqueued(session, published_long_ago, now)
+        wakes += [
+            Wake(covers[0], model, covers)
+            for covers in (
+                ids[i : i + jobs_per_message] for i in range(0, len(ids), jobs_per_message)
+            )
+        ]
+    session.commit()
+    return wakes
+
+
+def _mark_enqueued(session: Session, candidates: Select[str], now: datetime) -> list[str]:
+    """Mark the `candidates` enqueued at `now`, but those another transaction holds; their
+    ids."""
+    return list(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_(candidates.with_for_update(skip_locked=True)))
+            .values(enqueued_at=now)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+
+
+def forget_enqueued(session: Session, job_ids: list[str]) -> None:
+    """Jobs whose message could not be published after all: unpublished again, so that the
+    next pass publishes them first. Its own transaction, committed here."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.queued)
+        .values(enqueued_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
 
 
 def release_claims(

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # (covers a broker that lost its messages); Postgres decides whether it still runs.
     requeue_after_seconds: NotNegative = 600
     maintenance_interval_seconds: PositiveSeconds = 30.0
+    # Finished jobs, and finished batches with their files, are deleted (their stored objects
+    # with them) this many days after they ended, as OpenAI keeps batch files 30 days.
+    retention_days: AtLeastOne = 30
     # A job whose result could not be recorded because storage or Postgres was down runs
     # again after this long (its attempts untouched), however long the outage lasts.
     outage_retry_seconds: Seconds = 10.0

@@ -9,6 +9,9 @@ from jobs.queries import Claim
 from worker.engine.batching import select_batch
 from worker.services import Services
 
+# The straggler wait looks at the queue no more often than this.
+POLL_SECONDS = 0.1
+
 
 class BatchChoice:
     """Forms batches from what is queued for one model, and claims them for one worker."""
@@ -21,21 +24,28 @@ class BatchChoice:
 
     def wait_for_stragglers(self) -> None:
         """Give a batch that is not full a bounded moment to fill: until it is full, until
-        jobs stop arriving, or until batch_wait_ms have passed."""
+        jobs stop arriving, or until batch_wait_ms have passed.
+
+        The queue is looked at every batch_quiet_ms / 2, but no more often than every
+        POLL_SECONDS, and each look counts no further than a full batch: the wait costs a
+        few bounded queries, whatever the queue's length. A quiet spell is told from two
+        looks with the same count, so the wait may outlast batch_quiet_ms by one interval."""
         started = time.monotonic()
         deadline = started + self.settings.batch_wait_ms / 1000
         quiet = self.settings.batch_quiet_ms / 1000
+        interval = max(POLL_SECONDS, quiet / 2)
+        full = self.settings.max_batch_size
         last_count, last_change = -1, started
         while (now := time.monotonic()) < deadline:
             with self.session_scope() as session:
-                count = queries.count_queued(session, self.model_name)
-            if count >= self.settings.max_batch_size:
+                count = queries.count_queued(session, self.model_name, at_most=full)
+            if count >= full:
                 return
             if count != last_count:
                 last_count, last_change = count, now
             elif now - last_change >= quiet:
                 return
-            time.sleep(0.02)
+            time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
 
     def claim(self, first_id: str | None = None) -> list[Claim]:
         """Claim a batch from a window of the queue, job `first_id` first when it waits."""

@@ -1,7 +1,8 @@
 """The periodic pass that keeps jobs and batches moving whatever happened to workers and the
 broker. `run_pass` is the one pass, which both the worker's maintenance thread and `mbatch beat`
-run (`repeat` runs it on a timer): the jobs' part (`jobs.maintenance.requeue`) and then the
-batches' part (`jobs.maintenance.batches`), each run whatever happened to the other.
+run (`repeat` runs it on a timer): the jobs' part (`jobs.maintenance.requeue`), the batches'
+part (`jobs.maintenance.batches`) and then retention (`jobs.maintenance.retention`), each run
+whatever happened to the others.
 """
 
 import logging
@@ -13,11 +14,20 @@ from sqlalchemy.orm import Session
 
 from jobs.maintenance.batches import advance, enforce_max_cost, expire_due
 from jobs.maintenance.requeue import maintain
+from jobs.maintenance.retention import purge
 from jobs.queue import JobQueue
 from jobs.settings import Settings
 from jobs.storage import Storage
 
-__all__ = ["advance", "enforce_max_cost", "expire_due", "maintain", "repeat", "run_pass"]
+__all__ = [
+    "advance",
+    "enforce_max_cost",
+    "expire_due",
+    "maintain",
+    "purge",
+    "repeat",
+    "run_pass",
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +38,28 @@ def run_pass(
     queue: JobQueue,
     settings: Settings,
 ) -> None:
-    """One maintenance pass, as workers and `mbatch beat` run it: jobs first, then batches.
-    Each part runs whatever happened to the other, so a failure in one never stops both."""
+    """One maintenance pass, as workers and `mbatch beat` run it: jobs first, then batches,
+    then retention. Each part runs whatever happened to the others: a failure is logged and
+    never stops another part."""
     try:
         with scope() as session:
             published = maintain(session, queue, settings)
         if published:
-            log.info("published %d jobs", published)
+            log.info("published %d messages", published)
     except Exception:
-        log.exception("the jobs' maintenance pass failed; the batches' runs anyway")
-    advance(scope, storage, queue, settings)
+        log.exception("the jobs' maintenance pass failed; the other parts run anyway")
+    try:
+        advance(scope, storage, queue, settings)
+    except Exception:
+        log.exception("the batches' maintenance pass failed; the other parts run anyway")
+    try:
+        deleted = purge(scope, storage, settings)
+        if deleted:
+            log.info(
+                "retention deleted %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items())
+            )
+    except Exception:
+        log.exception("the retention pass failed; the next pass tries again")
 
 
 def repeat(interval: float, action: Callable[[], None], name: str, stop: threading.Event) -> None:
