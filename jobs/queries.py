@@ -316,12 +316,15 @@ MODEL_NAMES = tuple(spec.name for spec in MODELS)
 
 @dataclass(frozen=True)
 class Wake:
-    """A message to publish: it names the queued job `job_id` of `model` and stands for the
-    jobs in `covers` (job_id among them), which were marked enqueued with it."""
+    """A message to publish for `model`: it stands for the queued jobs in `covers`, which
+    were marked enqueued with it, and names the first of them."""
 
-    job_id: str
     model: str
     covers: list[str]
+
+    @property
+    def job_id(self) -> str:
+        return self.covers[0]
 
 
 def due_for_publish(
@@ -380,7 +383,7 @@ def due_for_publish(
             )
             ids += _mark_enqueued(session, published_long_ago, now)
         wakes += [
-            Wake(covers[0], model, covers)
+            Wake(model, covers)
             for covers in (
                 ids[i : i + jobs_per_message] for i in range(0, len(ids), jobs_per_message)
             )

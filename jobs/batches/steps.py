@@ -21,9 +21,9 @@ from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.batches.lines import MAX_MESSAGE_CHARS, clip
-from jobs.batches.store import job_counts, stop_jobs
+from jobs.batches.store import request_counts, stop_jobs
 from jobs.errors import MbatchError
-from jobs.models import Batch, BatchStatus, JobStatus
+from jobs.models import Batch, BatchStatus
 from jobs.outages import unavailable
 from jobs.settings import Settings
 from jobs.timeutil import utcnow
@@ -156,10 +156,8 @@ def _give_up(session: Session, batch: Batch, tries: int) -> None:
     why = batch.step_error or "the process working on it stopped each time"
     message = f"the batch could not be processed in {tries} tries: {why}"
     stop_jobs(session, batch.id, "batch_failed", message)
-    counts = job_counts(session, batch.id)
-    batch.completed = counts.get(JobStatus.succeeded, 0)
-    batch.failed = batch.invalid + counts.get(JobStatus.failed, 0)
-    batch.failed += counts.get(JobStatus.cancelled, 0)
+    counts = request_counts(session, batch)  # counted from the lines: still unfinished here
+    batch.completed, batch.failed = counts.completed, counts.failed
     batch.status, batch.failed_at = BatchStatus.failed, utcnow()
     batch.lease_expires_at = batch.step_token = None
     batch.errors = [{"code": "batch_processing_failed", "message": message}]
