@@ -13,6 +13,8 @@ from api.routes.files import router as files_router
 from api.routes.health import router as health_router
 from api.routes.jobs import router as jobs_router
 from api.routes.loras import router as loras_router
+from api.routes.schedules import router as schedules_router
+from api.routes.webhooks import router as webhooks_router
 from jobs.queue import CeleryJobQueue
 from jobs.settings import Settings, get_settings
 from jobs.storage import storage_from_settings
@@ -46,7 +48,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RefuseNul)
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
-    for router in (health_router, jobs_router, loras_router, files_router, batches_router):
+    for router in (
+        health_router,
+        jobs_router,
+        loras_router,
+        files_router,
+        batches_router,
+        schedules_router,
+        webhooks_router,
+    ):
         app.include_router(router)
     install_openapi(app)
     return app

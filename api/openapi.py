@@ -50,9 +50,10 @@ CONFLICTS = {
     ("post", "/v1/jobs/{job_id}/cancel"),
     ("post", "/v1/batches/{batch_id}/cancel"),
     ("post", "/v1/batches/{batch_id}/retry"),
+    ("post", "/v1/webhooks/events/{event_id}/redeliver"),
 }
 # A body field that names another object (a batch's `input_file_id`), which may not exist.
-REFERENCES = {("post", "/v1/batches")}
+REFERENCES = {("post", "/v1/batches"), ("post", "/v1/schedules")}
 # Operations that read a file's stored contents, which may have been lost.
 READS_CONTENT = {
     ("get", "/v1/files/{file_id}/content"),

@@ -4,11 +4,13 @@ A 50,000-line chat file (OpenAI batch format, prompts of 20 to 200 words) is upl
 `mbatch api` with `POST /v1/files`, a batch is created, and the clock stops when validation
 has enqueued every line (`in_progress`). The API process's peak resident memory (VmHWM) is
 read from /proc and compared with its size when idle after start-up. No worker runs: the jobs
-stay queued, in a database made for the run and dropped after.
+stay queued, in a database made for the run and dropped after. With `--queued N`, N other jobs
+wait in the queue first (submitted through the real path and copied by SQL, as
+`bench/queue_scale.py` fills its queue), to show that validation does not slow down with it.
 
 Needs Postgres and Redis on 127.0.0.1.
 
-    python bench/batch_upload.py [--lines 50000]
+    python bench/batch_upload.py [--lines 50000] [--queued 300000]
 """
 
 import argparse
@@ -24,8 +26,17 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.queue_scale import (  # noqa: E402
+    SPREAD_START,
+    TEMPLATES,
+    copy_jobs,
+    make_settings,
+    submit_templates,
+    vacuum_analyze,
+)
 from jobs.db import get_engine, session_scope  # noqa: E402
 from jobs.keys import create_key  # noqa: E402
+from jobs.timeutil import utcnow  # noqa: E402
 from migrations.runner import upgrade  # noqa: E402
 from tests import services  # noqa: E402
 
@@ -54,9 +65,22 @@ def write_file(path: Path, lines: int) -> None:
             out.write(json.dumps({**line, "body": body}) + "\n")
 
 
+def fill_queue(url: str, storage_dir: Path, count: int) -> None:
+    """`count` queued jobs of the model, published hours ago, in the run's database."""
+    templates = submit_templates(
+        lambda: session_scope(url), make_settings(url, storage_dir), TEMPLATES
+    )
+    engine = get_engine(url)
+    copy_jobs(
+        engine, templates, len(templates), max(count, len(templates)), utcnow() - SPREAD_START
+    )
+    vacuum_analyze(engine)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lines", type=int, default=50_000)
+    parser.add_argument("--queued", type=int, default=0, help="other jobs queued beforehand")
     args = parser.parse_args()
 
     name = services.create_database()
@@ -67,6 +91,8 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {key}"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.queued:
+            fill_queue(url, root / "storage", args.queued)
         env = {
             **os.environ,
             "MBATCH_DATABASE_URL": url,
@@ -125,7 +151,7 @@ def main() -> None:
 
     seconds = finished - started
     extra_mb = (peak - idle) / 1024
-    print(f"file: {args.lines} lines, {size_mb:.1f} MB")
+    print(f"file: {args.lines} lines, {size_mb:.1f} MB; {args.queued} other jobs queued")
     print(f"upload: {uploaded_at - started:.1f} s; upload + validation: {seconds:.1f} s")
     print(f"= {args.lines / seconds:.0f} lines/s")
     print(f"API memory: idle {idle / 1024:.0f} MB, peak {peak / 1024:.0f} MB: +{extra_mb:.0f} MB")
@@ -133,6 +159,7 @@ def main() -> None:
         json.dumps(
             {
                 "lines": args.lines,
+                "other_queued": args.queued,
                 "file_mb": round(size_mb, 1),
                 "upload_seconds": round(uploaded_at - started, 2),
                 "total_seconds": round(seconds, 2),

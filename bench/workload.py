@@ -9,7 +9,7 @@ from pathlib import Path
 from jobs.sampling import SamplingParams
 from jobs.settings import Settings
 from worker.engine.batching import plan_groups, select_batch
-from worker.engine.decode import generate
+from worker.engine.decode import Generation, NewRow, decode_rows, generate
 from worker.engine.loader import LoadedModel
 from worker.engine.tiny import make_tiny_model
 
@@ -79,6 +79,20 @@ def run_engine(loaded: LoadedModel, jobs: list[BenchJob], settings: Settings) ->
                 loaded, [job.prompt for job in group], [job.params for job in group]
             )
             useful += sum(len(g.token_ids) for g in generations)
+    return useful
+
+
+def run_engine_refilled(loaded: LoadedModel, jobs: list[BenchJob], settings: Settings) -> int:
+    """Useful tokens of the jobs run as a refilling worker runs them: one batch of
+    max_batch_size slots, each slot taking the oldest waiting job as soon as its row ends."""
+    useful = 0
+
+    def finished(key: object, generation: Generation) -> None:
+        nonlocal useful
+        useful += len(generation.token_ids)
+
+    rows = [NewRow(index, job.prompt, job.params) for index, job in enumerate(jobs)]
+    decode_rows(loaded, rows, finished, slots=settings.max_batch_size)
     return useful
 
 

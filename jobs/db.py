@@ -3,11 +3,14 @@
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Select, and_, create_engine, event, or_
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from jobs.errors import InvalidParameter
 
 
 class Base(DeclarativeBase):
@@ -30,6 +33,37 @@ def add_once(session: Session, row: Row, existing: Callable[[], Row | None]) -> 
             raise
         return found, False
     return row, True
+
+
+def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert the rows, skipping those whose key is already there (Postgres or SQLite): an
+    insert that may run twice, or race another, adds each row once."""
+    if not rows:
+        return
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(dialect.insert(table).on_conflict_do_nothing(), rows)
+
+
+def newest_first(
+    session: Session, query: Select[Row], after: str | None, limit: int, noun: str
+) -> tuple[list[Row], bool]:
+    """A page of `query`'s rows (an owner's objects, with `id`, `owner` and `created_at`),
+    newest first, and whether more follow; `after` is the id of the last row of the page
+    before, one of the owner's (else a 422 naming `after`)."""
+    model: Any = query.column_descriptions[0]["entity"]
+    if after is not None:
+        anchor: Any = session.scalar(query.where(model.id == after))
+        if anchor is None:
+            raise InvalidParameter("after", after, f"no {noun} of yours has this id")
+        query = query.where(
+            or_(
+                model.created_at < anchor.created_at,
+                and_(model.created_at == anchor.created_at, model.id < anchor.id),
+            )
+        )
+    order = (model.created_at.desc(), model.id.desc())
+    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
 @lru_cache

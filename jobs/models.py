@@ -59,6 +59,7 @@ def _where(condition: str) -> dict[str, Any]:
 QUEUED = "status = 'queued'"
 SCHEDULED = "status = 'scheduled'"
 FINISHED = "status IN ('succeeded', 'failed', 'cancelled')"
+BATCH_LINE_UNFINISHED = "batch_id IS NOT NULL AND status IN ('scheduled', 'queued', 'running')"
 
 
 class Job(Base):
@@ -76,6 +77,9 @@ class Job(Base):
         Index("ix_jobs_queued_enqueued", "model", "enqueued_at", **_where(QUEUED)),
         Index("ix_jobs_scheduled_run_at", "run_at", **_where(SCHEDULED)),
         Index("ix_jobs_finished_at", "finished_at", **_where(FINISHED)),
+        # A batch's lines that have not ended: whether a batch is done is one index probe,
+        # however many of its lines have ended.
+        Index("ix_jobs_batch_unfinished", "batch_id", **_where(BATCH_LINE_UNFINISHED)),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -222,8 +226,17 @@ class Batch(Base):
 
     total: Mapped[int] = mapped_column(Integer, default=0)
     invalid: Mapped[int] = mapped_column(Integer, default=0)
+    # The request counts as the batch's files hold them, set when it ends.
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    # What the batch's lines add up to, counted as each line ends, in the transaction that
+    # ends it, and no longer once the batch has ended: a GET reads them, not the lines.
+    # Tokens and cost are those of the lines that succeeded.
+    lines_succeeded: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lines_failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cost: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0), server_default="0")
     output_file_id: Mapped[str | None] = mapped_column(String(40))
     error_file_id: Mapped[str | None] = mapped_column(String(40))
     # Who is validating or finalizing the batch, until when: a process that dies mid-step
@@ -258,3 +271,123 @@ class LineError(Base):
     code: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text)
     param: Mapped[str | None] = mapped_column(String(256))
+
+
+class EventStatus(str, enum.Enum):
+    """A webhook event's delivery: pending until a 2xx (delivered), or until its retries are
+    spent or its receiver answered 410 (failed)."""
+
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
+class WebhookSecret(Base):
+    """An owner's signing secret; after a rotation the previous one also signs, until
+    `previous_until`."""
+
+    __tablename__ = "webhook_secrets"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+PENDING_EVENT = "status = 'pending'"
+ENDED_EVENT = "status IN ('delivered', 'failed')"
+
+
+class WebhookEvent(Base):
+    """The outbox: an event written in the transaction that ended its object, delivered to
+    `url` until a 2xx."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        Index("ix_webhook_events_owner_created", "owner", "created_at", "id"),
+        Index("ix_webhook_events_object", "object_id"),
+        # Delivery: pending events by when they are next due, never delivered ones unread.
+        Index("ix_webhook_events_due", "next_attempt_at", **_where(PENDING_EVENT)),
+        # Retention: ended events by age, never a pending one read.
+        Index("ix_webhook_events_ended", "created_at", **_where(ENDED_EVENT)),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[str] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[EventStatus] = mapped_column(_str_enum(EventStatus))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its message went out, and who is delivering it until when.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivery_token: Mapped[str | None] = mapped_column(String(32))
+    # The body as first sent: every attempt and redelivery sends the same bytes.
+    payload: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookAttempt(Base):
+    """One try at delivering an event: when, what came back (or why nothing did), how long."""
+
+    __tablename__ = "webhook_attempts"
+
+    event_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    # The first 1 KB of the answer, or the error.
+    response: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+ACTIVE_SCHEDULE = "NOT paused"
+
+
+class Schedule(Base):
+    """A job or batch body run again at each fire time of a cron expression in a time zone."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        # Firing: active schedules by when they are next due.
+        Index("ix_schedules_next_run", "next_run_at", **_where(ACTIVE_SCHEDULE)),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    cron: Mapped[str] = mapped_column(String(256))
+    timezone: Mapped[str] = mapped_column(String(64))
+    # "job" (a native job body) or "batch" (a POST /v1/batches body).
+    kind: Mapped[str] = mapped_column(String(8))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    max_cost: Mapped[Decimal | None] = mapped_column(MONEY)
+    paused: Mapped[bool] = mapped_column(default=False)
+    next_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ScheduleRun(Base):
+    """One fire of a schedule: the job or batch it made, or why it could not start. Its key
+    (schedule, fire time) makes each fire one run, however many processes fire it."""
+
+    __tablename__ = "schedule_runs"
+    # Retention: runs by when they were made.
+    __table_args__ = (Index("ix_schedule_runs_created", "created_at"),)
+
+    schedule_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    fire_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    batch_id: Mapped[str | None] = mapped_column(String(40))
+    # "started" (a job or batch was made) or "failed" (with the reason).
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -6,7 +6,8 @@ holder of the current claim, so it is recorded at most once.
 """
 
 import secrets
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -16,9 +17,10 @@ from sqlalchemy import ColumnElement, Select, String, case, cast, func, literal,
 from sqlalchemy.orm import Session
 
 from jobs.errors import NotFound
-from jobs.models import Job, JobStatus
+from jobs.models import Batch, BatchStatus, Job, JobStatus
 from jobs.registry import MODELS
 from jobs.timeutil import utcnow
+from jobs.webhooks.events import Ending, emit, job_ended
 
 
 def get_owned_job(session: Session, owner: str, job_id: str) -> Job:
@@ -41,16 +43,61 @@ def cancel(session: Session, job: Job) -> Job:
     """Cancel a job that has not finished; a running job's result is then never recorded.
     A conditional UPDATE, flushed; the unit of work commits it."""
     if not job.status.finished:
-        session.execute(
+        lock_batches(session, [job.batch_id])
+        cancelled = session.execute(
             update(Job)
             .where(Job.id == job.id, Job.status.not_in(_FINISHED))
             .values(status=JobStatus.cancelled, finished_at=utcnow(), claim_token=None)
         )
+        if cancelled.rowcount == 1:  # type: ignore[attr-defined]
+            count_lines_ended(session, job.batch_id, failed=1)
+            job_ended(session, job.owner, job.id, JobStatus.cancelled.value, job.callback_url)
         session.refresh(job)
     return job
 
 
 _FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+_BATCH_ENDED = [status for status in BatchStatus if status.finished]
+
+
+def lock_batches(session: Session, batch_ids: Iterable[str | None]) -> None:
+    """Lock the rows of the batches whose lines are about to end, in id order. Every path
+    that ends a batch's lines takes the batch's row before the lines' (a batch cancelled,
+    expired or over its `max_cost` updates its own row first), so that none of them waits on
+    another in a cycle."""
+    ids = sorted({batch_id for batch_id in batch_ids if batch_id is not None})
+    if ids:
+        session.execute(
+            select(Batch.id).where(Batch.id.in_(ids)).order_by(Batch.id).with_for_update()
+        )
+
+
+def count_lines_ended(
+    session: Session,
+    batch_id: str | None,
+    *,
+    succeeded: int = 0,
+    failed: int = 0,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    cost: Decimal = Decimal(0),
+) -> None:
+    """Add lines that just ended to their batch's counters, in the transaction that ended
+    them; a batch that has ended keeps the counts it ended with."""
+    if batch_id is None or not (succeeded or failed):
+        return
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status.not_in(_BATCH_ENDED))
+        .values(
+            lines_succeeded=Batch.lines_succeeded + succeeded,
+            lines_failed=Batch.lines_failed + failed,
+            prompt_tokens=Batch.prompt_tokens + prompt_tokens,
+            completion_tokens=Batch.completion_tokens + completion_tokens,
+            cost=Batch.cost + cost,
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 @dataclass(frozen=True)
@@ -197,17 +244,36 @@ def _held(claim: Claim) -> tuple[ColumnElement[bool], ...]:
 
 
 def _finish(
-    session: Session, claim: Claim, values: dict[str, Any], *conditions: ColumnElement[bool]
+    session: Session, claim: Claim, values: dict[str, Any], outcome: Outcome | None = None
 ) -> bool:
-    """End a running job under its current claim; False where the claim is no longer current
-    (the job was cancelled, recorded already, or given to another worker)."""
+    """End a running job under its current claim, succeeded with `outcome` or as `values`
+    say, and count it on its batch in the same transaction; False where the claim is no
+    longer current (the job was cancelled, recorded already, or given to another worker)."""
+    batch_id = claim.job.batch_id
+    lock_batches(session, [batch_id])
     result = session.execute(
         update(Job)
-        .where(*_held(claim), *conditions)
+        .where(*_held(claim))
         .values(**values, finished_at=utcnow(), claim_token=None, lease_expires_at=None)
     )
+    ended = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    if ended:
+        # The webhook event is written with the ending it tells of (an outbox).
+        status = values["status"].value
+        job_ended(session, claim.job.owner, claim.job.id, status, claim.job.callback_url)
+    if ended and outcome is not None:
+        count_lines_ended(
+            session,
+            batch_id,
+            succeeded=1,
+            prompt_tokens=claim.job.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            cost=outcome.cost_input + outcome.cost_output,
+        )
+    elif ended:
+        count_lines_ended(session, batch_id, failed=1)
     session.commit()
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    return ended
 
 
 def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
@@ -226,6 +292,7 @@ def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
             "cost_output": outcome.cost_output,
             "compute_seconds": outcome.compute_seconds,
         },
+        outcome,
     )
 
 
@@ -284,13 +351,18 @@ def release_expired(session: Session, max_attempts: int, now: datetime | None = 
         Job.claim_token.is_not(None),
     )
     released = update(Job).execution_options(synchronize_session=False)
+    out_of_attempts = (*expired, Job.attempts >= max_attempts)
+    # Rare (a job whose worker died on it every time): its batch's row is taken first, before
+    # any job's row, as every path that ends a batch's lines does.
+    lock_batches(session, session.scalars(select(Job.batch_id).where(*out_of_attempts)))
     requeued = session.scalars(
         released.where(*expired, Job.attempts < max_attempts)
         .values(status=JobStatus.queued, enqueued_at=None, claim_token=None, lease_expires_at=None)
         .returning(Job.id)
     ).all()
-    session.execute(
-        released.where(*expired, Job.attempts >= max_attempts).values(
+    failed = session.execute(
+        released.where(*out_of_attempts)
+        .values(
             status=JobStatus.failed,
             error_code="worker_lost",
             error_message=literal("the worker running this job stopped ")
@@ -300,6 +372,17 @@ def release_expired(session: Session, max_attempts: int, now: datetime | None = 
             claim_token=None,
             lease_expires_at=None,
         )
+        .returning(Job.batch_id, Job.id, Job.owner, Job.callback_url)
+    ).all()
+    for batch_id, lines in Counter(row.batch_id for row in failed).items():
+        count_lines_ended(session, batch_id, failed=lines)
+    emit(
+        session,
+        [
+            Ending(row.owner, "job.failed", row.id, row.callback_url)
+            for row in failed
+            if row.callback_url
+        ],
     )
     session.commit()
     return list(requeued)

@@ -87,6 +87,7 @@ MODELS: tuple[ModelSpec, ...] = (
         ),
         weights="TheBloke/Mistral-7B-Instruct-v0.1-AWQ",
         context_length=8192,
+        sliding_window=4096,
         allows_lora=False,
         quantization="awq",
         price_input_per_million=Decimal("0.060"),

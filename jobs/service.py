@@ -22,6 +22,7 @@ from jobs.schemas.native import JobCreate
 from jobs.settings import Settings
 from jobs.timeutil import utcnow
 from jobs.tokenizer import encode_job_input, v1_tokenizer
+from jobs.webhooks.addresses import check_callback_url
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,11 @@ def _prepare(body: SamplingRequest, settings: Settings) -> PreparedJob:
 
 
 def prepare_native(body: JobCreate, settings: Settings) -> PreparedJob:
+    prepared = _prepare(body, settings)
+    if body.callback_url is not None:
+        check_callback_url(body.callback_url, settings.webhook_allow_private)
     return replace(
-        _prepare(body, settings),
+        prepared,
         metadata=body.metadata,
         callback_url=body.callback_url,
         run_at=body.run_at,

@@ -90,10 +90,26 @@ class Settings(BaseSettings):
     # renews its lease, so a long one holds its message longer: set it well above).
     visibility_timeout_seconds: AtLeastOne = 6 * 3600
 
+    # Webhooks: the retry schedule (0 s, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h) is
+    # multiplied by webhook_retry_scale (tests shrink it); webhook_concurrency deliveries run
+    # at once in `mbatch webhooks`. Callback URLs that resolve to loopback, private,
+    # link-local or reserved addresses are refused unless webhook_allow_private (development
+    # and tests only).
+    webhook_retry_scale: Annotated[float, Field(ge=0)] = 1.0
+    webhook_concurrency: AtLeastOne = 16
+    webhook_allow_private: bool = False
+    # Schedules: the shortest interval between two fires a cron expression may ask for.
+    schedule_min_interval_seconds: PositiveSeconds = 60.0
+
     # Results larger than this many UTF-8 bytes are kept in object storage, not in the row.
     result_inline_max_bytes: NotNegative = 64 * 1024
     device: str = "auto"
     dtype: str = "auto"
+    # A running batch claims more queued jobs of its model as its rows finish, so that its
+    # slots stay full; false runs each claimed batch to its end first (for comparison).
+    refill: bool = True
+    # The decode step runs under torch.compile (CUDA graphs on a GPU).
+    compile: bool = False
 
     @field_validator("storage_url")
     @classmethod

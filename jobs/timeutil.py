@@ -10,3 +10,9 @@ def aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def unix_seconds(value: datetime | None) -> int | None:
+    """A stored time as the whole Unix seconds OpenAI's objects carry."""
+    moment = aware(value)
+    return int(moment.timestamp()) if moment is not None else None

@@ -35,6 +35,7 @@ def _cmd_beat(args: argparse.Namespace) -> int:
     from jobs.db import session_scope
     from jobs.maintenance import repeat, run_pass
     from jobs.queue import CeleryJobQueue
+    from jobs.schedules import fire_due
     from jobs.settings import get_settings
     from jobs.storage import storage_from_settings
 
@@ -45,12 +46,36 @@ def _cmd_beat(args: argparse.Namespace) -> int:
     def scope():  # type: ignore[no-untyped-def]
         return session_scope(settings.database_url)
 
-    repeat(
-        settings.maintenance_interval_seconds,
-        lambda: run_pass(scope, storage, queue, settings),
-        "maintenance",
-        threading.Event(),
+    def fire() -> None:
+        fire_due(scope, storage, queue, settings)
+
+    stop = threading.Event()
+    maintenance = threading.Thread(
+        target=repeat,
+        args=(
+            settings.maintenance_interval_seconds,
+            lambda: run_pass(scope, storage, queue, settings),
+            "maintenance",
+            stop,
+        ),
+        name="maintenance",
+        daemon=True,
     )
+    maintenance.start()
+    try:
+        # Schedules fire within about a second of their time, not at the next maintenance
+        # pass (30 s apart by default); any number of beats may run, each fire runs once.
+        repeat(1.0, fire, "schedules", stop)
+    finally:
+        stop.set()
+        maintenance.join(timeout=settings.maintenance_interval_seconds)
+    return 0
+
+
+def _cmd_webhooks(args: argparse.Namespace) -> int:
+    from worker.webhooks import run_webhooks_worker
+
+    run_webhooks_worker(args.loglevel)
     return 0
 
 
@@ -96,6 +121,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    if args.awq:
+        from worker.engine.awq import make_tiny_awq_model
+
+        print(make_tiny_awq_model(args.dir))
+        return 0
     from worker.engine.tiny import make_tiny_model
 
     print(make_tiny_model(args.dir))
@@ -124,8 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(handler=_cmd_worker)
 
-    beat = sub.add_parser("beat", help="run the maintenance pass on a schedule")
+    beat = sub.add_parser(
+        "beat", help="fire due schedules, and run the maintenance pass on a timer"
+    )
     beat.set_defaults(handler=_cmd_beat)
+
+    webhooks = sub.add_parser("webhooks", help="deliver webhook events (the delivery worker)")
+    webhooks.add_argument("--loglevel", default="INFO")
+    webhooks.set_defaults(handler=_cmd_webhooks)
 
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.set_defaults(handler=_cmd_migrate)
@@ -155,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random Mistral model")
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument(
+        "--awq",
+        action="store_true",
+        help="write it as a 4-bit AWQ checkpoint, with its dequantized twin in DIR/dequantized",
+    )
     tiny.set_defaults(handler=_cmd_make_tiny_model)
     return parser
 

@@ -156,3 +156,13 @@ def start_worker(env: dict[str, str], log_dir: Path, model: str = "tiny-random-m
     if not proc.alive():
         raise RuntimeError("worker exited:\n" + proc.output())
     return proc
+
+
+def start_webhooks(env: dict[str, str], log_dir: Path) -> Process:
+    """`mbatch webhooks`, the delivery worker, once it consumes its queue."""
+    log_path = log_dir / f"webhooks-{secrets.token_hex(3)}.log"
+    proc = Process(mbatch("webhooks"), env, log_path)
+    wait_for(lambda: "ready." in proc.output() or not proc.alive(), 60, "the webhooks worker")
+    if not proc.alive():
+        raise RuntimeError("webhooks worker exited:\n" + proc.output())
+    return proc

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 from jobs.db import session_scope
-from jobs.queue import CeleryJobQueue
+from jobs.queue import CeleryJobQueue, serve
 from jobs.registry import resolve_model
 from jobs.settings import get_settings
 from jobs.storage import storage_from_settings
@@ -47,18 +47,6 @@ def run_worker(model: str, weights: Path | None = None, loglevel: str = "INFO") 
     runtime.timers.start()
     log.info("worker %s serving queue %s", worker_id, spec.queue)
     try:
-        app.Worker(
-            hostname=worker_id,
-            queues=[spec.queue],
-            pool="solo",
-            concurrency=1,
-            loglevel=loglevel,
-            without_gossip=True,
-            without_mingle=True,
-            # Nothing listens for heartbeat events, and with the broker down the event loop
-            # retries sending one without end: the worker never reaches its reconnect path
-            # and ignores SIGTERM until the broker is back.
-            without_heartbeat=True,
-        ).start()
+        serve(app, worker_id, spec.queue, "solo", 1, loglevel)
     finally:
         runtime.timers.stop()

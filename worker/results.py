@@ -98,7 +98,9 @@ class Results:
             publish(session, self.services.queue, requeued)
 
     def _outcome(self, row: ClaimedRow, generation: Generation) -> Outcome:
-        cost = price(self.spec, len(row.prompt), len(generation.token_ids))
+        # EOS counts, as OpenAI and vLLM count (and bill) it: the model did generate it.
+        completion_tokens = generation.completion_tokens
+        cost = price(self.spec, len(row.prompt), completion_tokens)
         text, uri = place_response(
             self.services.storage,
             row.claim.job.id,
@@ -106,7 +108,7 @@ class Results:
             self.services.settings.result_inline_max_bytes,
         )
         return Outcome(
-            completion_tokens=len(generation.token_ids),
+            completion_tokens=completion_tokens,
             finish_reason=generation.finish_reason,
             response_text=text,
             response_uri=uri,

@@ -3,19 +3,20 @@ claims to decode groups, from groups to recorded results."""
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from jobs import batches, queries
 from jobs.maintenance import enforce_max_cost
+from jobs.models import Job
 from jobs.queries import Claim
 from jobs.queue import JobQueue
 from jobs.settings import Settings
 from jobs.storage import Storage
 from worker.adapters import Adapters
-from worker.batch_choice import BatchChoice
+from worker.batch_choice import POLL_SECONDS, BatchChoice
 from worker.claims import ClaimedRow, RunningClaims, prepare_rows
 from worker.engine.batching import plan_groups
-from worker.engine.decode import generate
+from worker.engine.decode import FAILED, Generation, NewRow, decode_rows, generate
 from worker.engine.loader import LoadedModel
 from worker.results import Results
 from worker.services import Services, SessionScope
@@ -46,6 +47,7 @@ class WorkerRuntime:
         self.adapters = Adapters(loaded, services, self.results)
         self.running = RunningClaims()
         self.timers = Timers(services, self.running)
+        self.worker_id = worker_id
 
     def handle_message(self, job_id: str) -> int:
         """Run the batch that a message wakes us for; returns how many jobs it recorded.
@@ -76,15 +78,21 @@ class WorkerRuntime:
                 on_batch(claims)
 
     def run_claims(self, claims: list[Claim]) -> int:
-        self.running.start(claims)
+        """Run claimed jobs; with refill, the batch goes on with the jobs it claims as its
+        rows finish, until nothing is queued. Returns how many results it recorded."""
+        claimed = list(claims)
+        self.running.start(claimed)
         try:
             rows = prepare_rows(claims, self.loaded.tokenizer, self.results.fail)
             rows = self.adapters.load(rows)
-            groups = plan_groups(rows, lambda row: len(row.prompt), self.settings.max_padding)
-            recorded = sum(self._run_group(group) for group in groups)
+            if self.settings.refill:
+                recorded = _RefilledBatch(self, claimed).run(rows)
+            else:
+                groups = plan_groups(rows, lambda row: len(row.prompt), self.settings.max_padding)
+                recorded = sum(self._run_group(group) for group in groups)
         finally:
             self.running.clear()
-        self._finalize_batches(claims)
+        self._finalize_batches(claimed)
         return recorded
 
     def _finalize_batches(self, claims: list[Claim]) -> None:
@@ -107,11 +115,13 @@ class WorkerRuntime:
                 [row.params for row in group],
                 [row.adapter for row in group],
                 dropped=lambda: self.running.dropped(group),
+                compile=self.settings.compile,
             )
         except Exception as exc:
             if len(group) > 1:
-                # Out of memory, or one row the engine cannot take: halves find out which,
-                # without spending every batch mate's attempts.
+                # Not one row's settings (the engine fails those rows alone): out of memory,
+                # say. Halves find out whether some rows run, without spending every batch
+                # mate's attempts.
                 log.exception("batch of %d failed; running it in halves", len(group))
                 half = len(group) // 2
                 return self._run_group(group[:half]) + self._run_group(group[half:])
@@ -120,8 +130,7 @@ class WorkerRuntime:
             return 0
         decoded = time.perf_counter() - started
         recorded = sum(
-            self.results.record(row, generation)
-            for row, generation in zip(group, generations, strict=True)
+            self.record(row, generation) for row, generation in zip(group, generations, strict=True)
         )
         log.info(
             "batch of %d: %d tokens decoded in %.2f s, recorded in %.2f s",
@@ -131,3 +140,139 @@ class WorkerRuntime:
             time.perf_counter() - started - decoded,
         )
         return recorded
+
+    def record(self, row: ClaimedRow, generation: Generation) -> bool:
+        """Record a row's result; a row the engine could not set up fails alone."""
+        if generation.finish_reason == FAILED:
+            log.warning("job %s failed in the engine: %s", row.claim.job.id, generation.error)
+            self.results.fail([row.claim], "invalid_job", generation.error or "engine error")
+            return False
+        return self.results.record(row, generation)
+
+
+# How often a refilled batch looks at the file batches whose lines it ended (max_cost, done).
+BATCH_CHECK_SECONDS = 0.5
+
+
+class _RefilledBatch:
+    """One batch whose free slots are refilled with jobs claimed as its rows finish.
+
+    Refilled jobs are claimed as any batch's are (`claim_batch`: skip-locked, a lease, an
+    attempt), the oldest queued ones first, with adapters that fit beside the running rows';
+    they join the running claims, so their leases are renewed and their cancellations seen.
+    Each row's result is recorded as soon as it finishes."""
+
+    def __init__(self, runtime: WorkerRuntime, claimed: list[Claim]) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.claimed = claimed  # every claim of the batch, shared with run_claims
+        self.rows: list[ClaimedRow] = []  # a row's key is its index here
+        self.active: dict[int, ClaimedRow] = {}
+        self.recorded = 0
+        self.decoded = 0
+        # When a claim last found less than it asked for, the queue is not asked again for a
+        # moment, unless the batch has emptied (its end is decided by an empty queue).
+        self.quiet_until = 0.0
+        # Claims of file-batch lines ended since their batches were last looked at: a batch
+        # that has spent its max_cost stops, and one whose last line ended is finalized, while
+        # this batch goes on (it may run until the queue is empty).
+        self.ended: list[Claim] = []
+        self.batches_checked_at = 0.0
+
+    def run(self, rows: list[ClaimedRow]) -> int:
+        started = time.perf_counter()
+        slots = self.settings.max_batch_size
+        try:
+            decode_rows(
+                self.runtime.loaded,
+                self._join(rows),
+                self._finished,
+                slots=slots,
+                refill=self._refill,
+                dropped=lambda: self.runtime.running.dropped(self.rows),
+                compile=self.settings.compile,
+            )
+        except Exception:
+            # Out of memory, or a claim that could not be made: the rows still running are
+            # run again as static batches, which halve a batch that fails again.
+            unfinished = list(self.active.values())
+            log.exception("refilled batch failed; %d rows run again", len(unfinished))
+            self.active.clear()
+            groups = plan_groups(unfinished, lambda row: len(row.prompt), self.settings.max_padding)
+            self.recorded += sum(self.runtime._run_group(group) for group in groups)
+        log.info(
+            "refilled batch of %d rows: %d tokens in %.2f s",
+            len(self.rows),
+            self.decoded,
+            time.perf_counter() - started,
+        )
+        return self.recorded
+
+    def _join(self, rows: list[ClaimedRow]) -> list[NewRow]:
+        new = []
+        for row in rows:
+            key = len(self.rows)
+            self.rows.append(row)
+            self.active[key] = row
+            new.append(NewRow(key, row.prompt, row.params, row.adapter))
+        return new
+
+    def _finished(self, key: Hashable, generation: Generation) -> None:
+        assert isinstance(key, int)
+        row = self.active.pop(key)
+        self.decoded += len(generation.token_ids)
+        self.recorded += self.runtime.record(row, generation)
+        if row.claim.job.batch_id is not None:
+            self.ended.append(row.claim)
+
+    def _refill(self, free: int) -> list[NewRow]:
+        if self.ended and time.monotonic() >= self.batches_checked_at + BATCH_CHECK_SECONDS:
+            ended, self.ended = self.ended, []
+            self.runtime._finalize_batches(ended)
+            self.batches_checked_at = time.monotonic()
+        emptied = free >= self.settings.max_batch_size
+        if not emptied and time.monotonic() < self.quiet_until:
+            return []
+        running = {row.adapter for row in self.active.values() if row.adapter is not None}
+        claims = self._claim(free, running)
+        if len(claims) < free:
+            self.quiet_until = time.monotonic() + POLL_SECONDS
+        if not claims:
+            return []
+        self.claimed.extend(claims)
+        self.runtime.running.start(self.claimed)
+        runtime = self.runtime
+        rows = prepare_rows(claims, runtime.loaded.tokenizer, runtime.results.fail)
+        # The running rows' adapters are named too, so that none is evicted to make room.
+        keep = [row for row in self.active.values() if row.adapter is not None]
+        usable = runtime.adapters.load(rows + keep)
+        claimed_now = {id(row) for row in rows}
+        return self._join([row for row in usable if id(row) in claimed_now])
+
+    def _claim(self, free: int, running_adapters: set[str]) -> list[Claim]:
+        settings = self.settings
+        room = settings.max_loras - len(running_adapters)
+
+        def choose(candidates: list[Job]) -> list[Job]:
+            chosen: list[Job] = []
+            added: set[str] = set()
+            for job in candidates:
+                adapter = job.lora_id
+                if adapter is not None and adapter not in running_adapters | added:
+                    if len(added) >= room:
+                        continue
+                    added.add(adapter)
+                chosen.append(job)
+                if len(chosen) == free:
+                    break
+            return chosen
+
+        with self.runtime.session_scope() as session:
+            return queries.claim_batch(
+                session,
+                self.runtime.loaded.spec.name,
+                self.runtime.worker_id,
+                settings.lease_seconds,
+                free * settings.claim_lookahead,
+                choose=choose,
+            )

@@ -3,7 +3,6 @@
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Response
-from sqlalchemy.orm import Session
 
 from api.deps import (
     IdempotencyKeyDep,
@@ -15,16 +14,9 @@ from api.deps import (
     StorageDep,
 )
 from jobs import batches, files
-from jobs.models import Batch
 from jobs.schemas.batches import BatchCreate, BatchEstimate, BatchList, BatchPublic
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
-
-
-def batch_public(session: Session, batch: Batch) -> BatchPublic:
-    return BatchPublic.of(
-        batch, batches.request_counts(session, batch), batches.usage(session, batch.id)
-    )
 
 
 @router.post("", response_model=BatchPublic | BatchEstimate)
@@ -50,7 +42,7 @@ def create_batch(
         background.add_task(batches.validate_batch, scope, storage, queue, settings, batch.id)
     else:
         response.headers["Idempotent-Replayed"] = "true"
-    return batch_public(session, batch)
+    return BatchPublic.of(batch)
 
 
 @router.get("", response_model=BatchList)
@@ -63,7 +55,7 @@ def list_batches(
     """Your batches, newest first; pass the last id of a page as `after` for the next."""
     page, has_more = batches.list_batches(session, owner, after, limit)
     return BatchList(
-        data=[batch_public(session, b) for b in page],
+        data=[BatchPublic.of(b) for b in page],
         first_id=page[0].id if page else None,
         last_id=page[-1].id if page else None,
         has_more=has_more,
@@ -73,7 +65,7 @@ def list_batches(
 @router.get("/{batch_id}", response_model=BatchPublic)
 def get_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> BatchPublic:
     """A batch's status, request counts, usage and files."""
-    return batch_public(session, batches.get_batch(session, owner, batch_id))
+    return BatchPublic.of(batches.get_batch(session, owner, batch_id))
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchPublic)
@@ -89,7 +81,7 @@ def cancel_batch(
     """Stop a batch; it is `cancelled`, with the lines that finished, once its files are written."""
     batch = batches.cancel_batch(session, batches.get_batch(session, owner, batch_id))
     background.add_task(batches.finalize, scope, storage, settings, batch.id)
-    return batch_public(session, batch)
+    return BatchPublic.of(batch)
 
 
 @router.post("/{batch_id}/retry", response_model=BatchPublic)
@@ -107,4 +99,4 @@ def retry_batch(
     source = batches.get_batch(session, owner, batch_id)
     retry = batches.retry_failed(session, storage, owner, source, settings)
     background.add_task(batches.validate_batch, scope, storage, queue, settings, retry.id)
-    return batch_public(session, retry)
+    return BatchPublic.of(retry)

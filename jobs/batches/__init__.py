@@ -17,8 +17,6 @@ from jobs.batches.store import (
     input_file,
     line_job_id,
     list_batches,
-    request_counts,
-    usage,
 )
 from jobs.batches.validation import validate_batch
 
@@ -37,8 +35,6 @@ __all__ = [
     "line_job_id",
     "list_batches",
     "owner_adapters",
-    "request_counts",
     "retry_failed",
-    "usage",
     "validate_batch",
 ]

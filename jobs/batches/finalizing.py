@@ -13,18 +13,19 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from jobs import files
 from jobs.batches.output_format import error_line, output_line
 from jobs.batches.steps import SessionScope, Step, StepTakenOver, renew_step, step_guard, take_step
-from jobs.batches.store import STEP_RESET, UNFINISHED, line_job_id
+from jobs.batches.store import STEP_RESET, has_unfinished_lines, line_job_id, spent
 from jobs.models import Batch, BatchStatus, Job, JobStatus, LineError
 from jobs.schemas.jobs import RESULT_UNAVAILABLE, response_text
 from jobs.settings import Settings
 from jobs.storage import Storage
 from jobs.timeutil import utcnow
+from jobs.webhooks.events import batch_ended
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +52,19 @@ def finalize_if_done(
         finalize(scope, storage, settings, batch_id)
 
 
-def _unfinished_lines(session: Session, batch_id: str) -> int:
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED))
-        )
-        or 0
-    )
-
-
 def _begin_finalizing(session: Session, batch_id: str) -> None:
     """An in-progress batch whose lines have all ended moves on to `finalizing`. Looked at
     under the batch row's lock: of two workers that record its last two lines at once, the
     second looks after the first has, sees both lines ended, and the batch moves on at once
     rather than at the next maintenance pass."""
-    if _unfinished_lines(session, batch_id):
+    if has_unfinished_lines(session, batch_id):
         return  # the common case, after each static batch: no lock taken
     batch = session.scalar(
         select(Batch)
         .where(Batch.id == batch_id, Batch.status == BatchStatus.in_progress)
         .with_for_update()
     )
-    if batch is not None and not _unfinished_lines(session, batch_id):
+    if batch is not None and not has_unfinished_lines(session, batch_id):
         batch.status, batch.finalizing_at = BatchStatus.finalizing, utcnow()
     session.commit()
 
@@ -101,6 +91,7 @@ def _finalize(scope: SessionScope, storage: Storage, settings: Settings, step: S
         output_id, completed = _write_file(session, storage, scope, step, batch, "output", output)
         errors = _error_lines(session, batch, lost)
         error_id, failed = _write_file(session, storage, scope, step, batch, "errors", errors)
+        prompt_tokens, completion_tokens, cost = spent(session, batch.id)
         values: dict[str, Any] = {
             "status": final,
             f"{final.value}_at": utcnow(),
@@ -108,6 +99,10 @@ def _finalize(scope: SessionScope, storage: Storage, settings: Settings, step: S
             "error_file_id": error_id,
             "completed": completed,
             "failed": failed,
+            # Frozen exact, from the lines, whatever the running counters say.
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cost": cost,
             **STEP_RESET,
         }
         if final == BatchStatus.failed:
@@ -126,6 +121,9 @@ def _finalize(scope: SessionScope, storage: Storage, settings: Settings, step: S
             .where(*step.held(), Batch.status.in_([BatchStatus.finalizing, BatchStatus.cancelling]))
             .values(**values)
         )
+        if ended.rowcount == 1:  # type: ignore[attr-defined]
+            # The webhook event commits with the ending it tells of (an outbox).
+            batch_ended(session, batch.owner, batch.id, final.value, batch.callback_url)
         session.commit()
     if ended.rowcount != 1:  # type: ignore[attr-defined]
         log.warning("batch %s: finalizing was taken over; its files are the other's", batch.id)

@@ -21,12 +21,13 @@ from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.batches.lines import MAX_MESSAGE_CHARS, clip
-from jobs.batches.store import request_counts, stop_jobs
+from jobs.batches.store import stop_jobs
 from jobs.errors import MbatchError
 from jobs.models import Batch, BatchStatus
 from jobs.outages import unavailable
 from jobs.settings import Settings
 from jobs.timeutil import utcnow
+from jobs.webhooks.events import batch_ended
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,14 @@ def _give_up(session: Session, batch: Batch, tries: int) -> None:
     why = batch.step_error or "the process working on it stopped each time"
     message = f"the batch could not be processed in {tries} tries: {why}"
     stop_jobs(session, batch.id, "batch_failed", message)
-    counts = request_counts(session, batch)  # counted from the lines: still unfinished here
-    batch.completed, batch.failed = counts.completed, counts.failed
+    # The counters as the lines' ends left them (stop_jobs counted its own on the row).
+    succeeded, failed = session.execute(
+        select(Batch.lines_succeeded, Batch.lines_failed).where(Batch.id == batch.id)
+    ).one()
+    batch.completed, batch.failed = succeeded, batch.invalid + failed
     batch.status, batch.failed_at = BatchStatus.failed, utcnow()
     batch.lease_expires_at = batch.step_token = None
     batch.errors = [{"code": "batch_processing_failed", "message": message}]
+    # Its webhook event, committed by the caller with the ending.
+    batch_ended(session, batch.owner, batch.id, BatchStatus.failed.value, batch.callback_url)
     log.error("batch %s failed: %s", batch.id, message)

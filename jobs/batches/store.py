@@ -1,7 +1,9 @@
 """The batch rows: creating a batch (idempotent on its key), getting and listing an owner's
-batches, cancelling one, and what a batch's lines add up to (request counts, usage, spent cost,
-job counts by status). It also fixes the names every step shares: a line's job id, which job
-statuses have not ended, and the step fields that start afresh whenever a batch changes status.
+batches, cancelling one, and what a batch's lines add up to (the exact sums, once, as it
+ends; whether a line has yet to end; the counters on its row are moved by `jobs.queries` as
+each line ends). It also fixes the names every step shares: a line's job id, which job
+statuses have not ended, and the step fields that start afresh whenever a batch changes
+status.
 """
 
 import hashlib
@@ -10,16 +12,17 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Exists, exists, func, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from jobs import files
-from jobs.db import add_once
+from jobs import files, queries
+from jobs.db import add_once, newest_first
 from jobs.errors import Conflict, InvalidParameter, NotFound
 from jobs.models import Batch, BatchStatus, FileObject, Job, JobStatus
-from jobs.schemas.batches import BatchCreate, RequestCounts
+from jobs.schemas.batches import BatchCreate
 from jobs.settings import Settings
 from jobs.timeutil import utcnow
+from jobs.webhooks.addresses import check_callback_url
 
 WINDOW_SECONDS = {"24h": 24 * 3600}
 UNFINISHED = (JobStatus.scheduled, JobStatus.queued, JobStatus.running)
@@ -59,6 +62,8 @@ def create_batch(
     key = idempotency_key or body.idempotency_key
     if key is not None and (found := _by_key(session, owner, key)) is not None:
         return found, False
+    if body.callback_url is not None:
+        check_callback_url(body.callback_url, settings.webhook_allow_private)
     file = input_file(session, owner, body.input_file_id)
     window = settings.batch_window_seconds or WINDOW_SECONDS[body.completion_window]
     now = utcnow()
@@ -98,43 +103,12 @@ def list_batches(
     session: Session, owner: str, after: str | None, limit: int
 ) -> tuple[list[Batch], bool]:
     """Newest first; `after` is the id of the last batch of the page before."""
-    query = select(Batch).where(Batch.owner == owner)
-    if after is not None:
-        anchor = session.scalar(select(Batch).where(Batch.id == after, Batch.owner == owner))
-        if anchor is None:
-            raise InvalidParameter("after", after, "no batch of yours has this id")
-        query = query.where(
-            or_(
-                Batch.created_at < anchor.created_at,
-                and_(Batch.created_at == anchor.created_at, Batch.id < anchor.id),
-            )
-        )
-    rows = list(
-        session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1))
-    )
-    return rows[:limit], len(rows) > limit
-
-
-def job_counts(session: Session, batch_id: str) -> dict[JobStatus, int]:
-    rows = session.execute(
-        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
-    ).all()
-    return {status: count for status, count in rows}
-
-
-def request_counts(session: Session, batch: Batch) -> RequestCounts:
-    if batch.status.finished:
-        return RequestCounts(total=batch.total, completed=batch.completed, failed=batch.failed)
-    counts = job_counts(session, batch.id)
-    return RequestCounts(
-        total=batch.total,
-        completed=counts.get(JobStatus.succeeded, 0),
-        failed=batch.invalid + counts.get(JobStatus.failed, 0) + counts.get(JobStatus.cancelled, 0),
-    )
+    return newest_first(session, select(Batch).where(Batch.owner == owner), after, limit, "batch")
 
 
 def spent(session: Session, batch_id: str) -> tuple[int, int, Decimal]:
-    """Prompt tokens, completion tokens and exact cost of the batch's succeeded lines."""
+    """Prompt tokens, completion tokens and exact cost of the batch's succeeded lines, added
+    up from the lines themselves: once, as the batch ends, to freeze its counters exact."""
     prompt, completion, cost_in, cost_out = session.execute(
         select(
             func.coalesce(func.sum(Job.prompt_tokens), 0),
@@ -146,20 +120,24 @@ def spent(session: Session, batch_id: str) -> tuple[int, int, Decimal]:
     return int(prompt or 0), int(completion or 0), Decimal(cost_in or 0) + Decimal(cost_out or 0)
 
 
-def usage(session: Session, batch_id: str) -> dict[str, Any]:
-    """Tokens and cost of the batch's lines that have finished."""
-    prompt, completion, cost = spent(session, batch_id)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "estimated_cost": float(cost),
-    }
+def has_unfinished_lines(session: Session, batch_id: str) -> bool:
+    """Whether a line of the batch has yet to end: one probe of the partial index of such
+    lines, however many have ended."""
+    return bool(session.scalar(select(unfinished_lines(batch_id))))
+
+
+def unfinished_lines(batch_id: ColumnElement[str] | InstrumentedAttribute[str] | str) -> Exists:
+    """EXISTS a line of `batch_id` (a value, or a column to correlate with) that has not
+    ended; its conditions are those of the partial index `ix_jobs_batch_unfinished`."""
+    return exists().where(
+        Job.batch_id.is_not(None), Job.batch_id == batch_id, Job.status.in_(UNFINISHED)
+    )
 
 
 def stop_jobs(session: Session, batch_id: str, code: str, message: str) -> None:
-    """Cancel the batch's jobs that have not finished; a running one's result is dropped."""
-    session.execute(
+    """Cancel the batch's jobs that have not finished; a running one's result is dropped.
+    The caller has updated the batch's row first (see `queries.lock_batches`)."""
+    stopped = session.execute(
         update(Job)
         .where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED))
         .values(
@@ -169,7 +147,9 @@ def stop_jobs(session: Session, batch_id: str, code: str, message: str) -> None:
             error_code=code,
             error_message=message,
         )
+        .execution_options(synchronize_session=False)
     )
+    queries.count_lines_ended(session, batch_id, failed=stopped.rowcount)  # type: ignore[attr-defined]
 
 
 def cancel_batch(session: Session, batch: Batch) -> Batch:

@@ -10,7 +10,6 @@ import logging
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from jobs import files
@@ -18,12 +17,14 @@ from jobs.batches.finalizing import finalize
 from jobs.batches.lines import InvalidLine, LineChecker, ValidLine, check_file, owner_adapters
 from jobs.batches.steps import STEP_LEASE, SessionScope, Step, step_guard, take_step
 from jobs.batches.store import STEP_RESET, line_job_id
+from jobs.db import insert_ignoring_duplicates
 from jobs.models import Batch, BatchStatus, FileObject, Job, JobStatus, LineError
 from jobs.queue import JobQueue
 from jobs.registry import resolve_model
 from jobs.settings import Settings
 from jobs.storage import Storage
 from jobs.timeutil import utcnow
+from jobs.webhooks.events import batch_ended
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,6 @@ def _job_row(batch: Batch, line: ValidLine) -> dict[str, Any]:
         "custom_id": line.custom_id,
         "line": line.line,
     }
-
-
-def _insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(postgresql.insert(table).on_conflict_do_nothing(), rows)
-    else:
-        session.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
 
 
 def _validate(
@@ -148,8 +140,8 @@ def _enqueue(
         for r in results
         if isinstance(r, InvalidLine)
     ]
-    _insert_ignoring_duplicates(session, Job.__table__, jobs)
-    _insert_ignoring_duplicates(session, LineError.__table__, errors)
+    insert_ignoring_duplicates(session, Job.__table__, jobs)
+    insert_ignoring_duplicates(session, LineError.__table__, errors)
     session.execute(
         update(Batch).where(*step.held()).values(lease_expires_at=utcnow() + STEP_LEASE)
     )
@@ -168,7 +160,7 @@ def _enqueue(
 def _fail(scope: SessionScope, step: Step, code: str, message: str) -> None:
     """The batch cannot be validated, and no try would change that: it ends `failed`."""
     with scope() as session:
-        session.execute(
+        failed = session.execute(
             update(Batch)
             .where(*step.held(), Batch.status == BatchStatus.validating)
             .values(
@@ -177,5 +169,11 @@ def _fail(scope: SessionScope, step: Step, code: str, message: str) -> None:
                 errors=[{"code": code, "message": message}],
                 **STEP_RESET,
             )
-        )
+            .returning(Batch.owner, Batch.callback_url)
+        ).one_or_none()
+        if failed is not None:
+            # The webhook event commits with the ending it tells of (an outbox).
+            batch_ended(
+                session, failed.owner, step.batch_id, BatchStatus.failed.value, failed.callback_url
+            )
         session.commit()

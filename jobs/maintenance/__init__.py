@@ -1,8 +1,9 @@
 """The periodic pass that keeps jobs and batches moving whatever happened to workers and the
 broker. `run_pass` is the one pass, which both the worker's maintenance thread and `mbatch beat`
 run (`repeat` runs it on a timer): the jobs' part (`jobs.maintenance.requeue`), the batches'
-part (`jobs.maintenance.batches`) and then retention (`jobs.maintenance.retention`), each run
-whatever happened to the others.
+part (`jobs.maintenance.batches`), due schedules (`jobs.schedules`), due webhook events
+(`jobs.webhooks`) and then retention (`jobs.maintenance.retention`), each run whatever happened
+to the others.
 """
 
 import logging
@@ -12,6 +13,7 @@ from contextlib import AbstractContextManager
 
 from sqlalchemy.orm import Session
 
+from jobs import schedules, webhooks
 from jobs.maintenance.batches import advance, enforce_max_cost, expire_due
 from jobs.maintenance.requeue import maintain
 from jobs.maintenance.retention import purge
@@ -39,27 +41,37 @@ def run_pass(
     settings: Settings,
 ) -> None:
     """One maintenance pass, as workers and `mbatch beat` run it: jobs first, then batches,
-    then retention. Each part runs whatever happened to the others: a failure is logged and
-    never stops another part."""
-    try:
-        with scope() as session:
-            published = maintain(session, queue, settings)
-        if published:
-            log.info("published %d messages", published)
-    except Exception:
-        log.exception("the jobs' maintenance pass failed; the other parts run anyway")
-    try:
-        advance(scope, storage, queue, settings)
-    except Exception:
-        log.exception("the batches' maintenance pass failed; the other parts run anyway")
-    try:
-        deleted = purge(scope, storage, settings)
-        if deleted:
-            log.info(
-                "retention deleted %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items())
-            )
-    except Exception:
-        log.exception("the retention pass failed; the next pass tries again")
+    schedules, webhook events, and retention last. Each part runs whatever happened to the
+    others: a failure is logged and never stops another part."""
+    parts: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("jobs", lambda: _requeue(scope, queue, settings)),
+        ("batches", lambda: advance(scope, storage, queue, settings)),
+        ("schedules", lambda: schedules.fire_due(scope, storage, queue, settings)),
+        ("webhooks", lambda: webhooks.publish_due(scope, queue, settings)),
+        ("retention", lambda: _purge(scope, storage, settings)),
+    )
+    for name, part in parts:
+        try:
+            part()
+        except Exception:
+            log.exception("the %s part of the maintenance pass failed; the others run anyway", name)
+
+
+def _requeue(
+    scope: Callable[[], AbstractContextManager[Session]], queue: JobQueue, settings: Settings
+) -> None:
+    with scope() as session:
+        published = maintain(session, queue, settings)
+    if published:
+        log.info("published %d messages", published)
+
+
+def _purge(
+    scope: Callable[[], AbstractContextManager[Session]], storage: Storage, settings: Settings
+) -> None:
+    deleted = purge(scope, storage, settings)
+    if deleted:
+        log.info("retention deleted %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items()))
 
 
 def repeat(interval: float, action: Callable[[], None], name: str, stop: threading.Event) -> None:

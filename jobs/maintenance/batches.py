@@ -9,14 +9,14 @@ import logging
 from collections.abc import Iterable
 from datetime import timedelta
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.batches.finalizing import finalize
 from jobs.batches.steps import SessionScope, lease_free
-from jobs.batches.store import STEP_RESET, UNFINISHED, spent, stop_jobs
+from jobs.batches.store import STEP_RESET, stop_jobs, unfinished_lines
 from jobs.batches.validation import validate_batch
-from jobs.models import Batch, BatchStatus, Job
+from jobs.models import Batch, BatchStatus
 from jobs.queue import JobQueue
 from jobs.settings import Settings
 from jobs.storage import Storage
@@ -54,12 +54,11 @@ def advance(scope: SessionScope, storage: Storage, queue: JobQueue, settings: Se
                 )
             )
         )
-        unfinished = exists().where(and_(Job.batch_id == Batch.id, Job.status.in_(UNFINISHED)))
         ready = list(
             session.scalars(
                 select(Batch.id).where(
                     or_(
-                        and_(Batch.status == BatchStatus.in_progress, ~unfinished),
+                        and_(Batch.status == BatchStatus.in_progress, ~unfinished_lines(Batch.id)),
                         Batch.status.in_([BatchStatus.finalizing, BatchStatus.cancelling]),
                     ),
                     lease_free(now),
@@ -77,17 +76,18 @@ def enforce_max_cost(session: Session, batch_ids: Iterable[str]) -> list[str]:
     what finished. Checked after each static batch, so one static batch may overshoot."""
     stopped = []
     capped = session.scalars(
-        select(Batch).where(
+        select(Batch)
+        .where(
             Batch.id.in_(list(batch_ids)),
             Batch.max_cost.is_not(None),
             Batch.status == BatchStatus.in_progress,
         )
+        .execution_options(populate_existing=True)  # the counters as the lines left them
     ).all()
     for batch in capped:
-        *_, cost = spent(session, batch.id)
-        if batch.max_cost is None or cost <= batch.max_cost:
+        if batch.max_cost is None or batch.cost <= batch.max_cost:
             continue
-        message = f"spent ${cost} of max_cost ${batch.max_cost}"
+        message = f"spent ${batch.cost} of max_cost ${batch.max_cost}"
         session.execute(
             update(Batch)
             .where(Batch.id == batch.id, Batch.status == BatchStatus.in_progress)

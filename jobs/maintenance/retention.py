@@ -7,7 +7,10 @@ What goes, once older than the limit:
   the limit;
 - finished batches, by the time they ended, once their lines are gone: their line errors,
   then the batch with its output and error files;
-- input files, by `created_at`, that no unfinished batch reads.
+- input files, by `created_at`, that no unfinished batch reads;
+- webhook events that ended (delivered, or failed for good) with their attempts, once
+  created before the limit and not attempted since (a redelivery keeps an event);
+- schedules' runs, by when they were made (the jobs and batches they made go as above).
 Nothing unfinished is ever deleted, and adapters are not deleted here.
 
 Each chunk (at most `chunk_rows` rows of one kind) is its own transaction: the rows are chosen
@@ -21,7 +24,7 @@ Jobs are found through the partial index on finished jobs' `finished_at` (migrat
 a batch's lines and line errors through their batch's key, so no query reads the queue or
 scans the jobs table. Old batches and input files are found by a read of the batches and files
 tables, which grow with batches and uploads, never with lines. A pass with nothing to delete
-is four short queries.
+is six short queries.
 """
 
 import logging
@@ -32,12 +35,34 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, delete, exists, func, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    select,
+    tuple_,
+)
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from jobs.batches.steps import SessionScope
 from jobs.files import INPUT_PURPOSE
-from jobs.models import Batch, BatchStatus, FileObject, Job, JobStatus, LineError
+from jobs.models import (
+    Batch,
+    BatchStatus,
+    EventStatus,
+    FileObject,
+    Job,
+    JobStatus,
+    LineError,
+    ScheduleRun,
+    WebhookAttempt,
+    WebhookEvent,
+)
 from jobs.outages import unavailable
 from jobs.settings import Settings
 from jobs.storage import Storage
@@ -55,6 +80,7 @@ PASS_SECONDS = 10.0
 FINISHED_JOBS = [status for status in JobStatus if status.finished]
 FINISHED_BATCHES = [status for status in BatchStatus if status.finished]
 UNFINISHED_BATCHES = [status for status in BatchStatus if not status.finished]
+ENDED_EVENTS = [EventStatus.delivered, EventStatus.failed]
 
 
 def _one_of(column: InstrumentedAttribute[Any], values: Sequence[Any]) -> ColumnElement[bool]:
@@ -128,16 +154,9 @@ def _take_jobs(session: Session, storage: Storage, cutoff: datetime, limit: int)
 
 def _take_line_errors(session: Session, storage: Storage, cutoff: datetime, limit: int) -> Chunk:
     """The line errors of batches that finished before the cutoff."""
-    rows = session.execute(
-        select(LineError.batch_id, LineError.line)
-        .where(LineError.batch_id.in_(select(Batch.id).where(_batch_past(cutoff))))
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    if rows:
-        lines = tuple_(LineError.batch_id, LineError.line)
-        session.execute(delete(LineError).where(lines.in_([tuple(row) for row in rows])))
-    return Chunk(len(rows))
+    key = (LineError.batch_id, LineError.line)
+    chosen = select(*key).where(LineError.batch_id.in_(select(Batch.id).where(_batch_past(cutoff))))
+    return _delete_chosen(session, LineError, key, chosen.limit(limit))
 
 
 def _take_batches(session: Session, storage: Storage, cutoff: datetime, limit: int) -> Chunk:
@@ -195,12 +214,57 @@ def _locked_files(
     return [(file_id, key) for file_id, key in rows]
 
 
+def _take_events(session: Session, storage: Storage, cutoff: datetime, limit: int) -> Chunk:
+    """Webhook events that ended before the cutoff, with their attempts: found through the
+    partial index of ended events by `created_at`, each checked by its attempts' key."""
+    attempted_since = exists().where(
+        WebhookAttempt.event_id == WebhookEvent.id, WebhookAttempt.at >= cutoff
+    )
+    ids = list(
+        session.scalars(
+            select(WebhookEvent.id)
+            .where(
+                _one_of(WebhookEvent.status, ENDED_EVENTS),
+                WebhookEvent.created_at < cutoff,
+                ~attempted_since,
+            )
+            .order_by(WebhookEvent.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if ids:
+        session.execute(delete(WebhookAttempt).where(WebhookAttempt.event_id.in_(ids)))
+        session.execute(delete(WebhookEvent).where(WebhookEvent.id.in_(ids)))
+    return Chunk(len(ids))
+
+
+def _take_schedule_runs(session: Session, storage: Storage, cutoff: datetime, limit: int) -> Chunk:
+    """Schedules' runs made before the cutoff, by their index on `created_at`."""
+    key = (ScheduleRun.schedule_id, ScheduleRun.fire_time)
+    chosen = select(*key).where(ScheduleRun.created_at < cutoff).order_by(ScheduleRun.created_at)
+    return _delete_chosen(session, ScheduleRun, key, chosen.limit(limit))
+
+
+def _delete_chosen(
+    session: Session, model: Any, key: tuple[Any, ...], chosen: Select[Any, Any]
+) -> Chunk:
+    """Lock the rows `chosen` selects (their `key` columns), skipping rows others hold, and
+    delete them by that key."""
+    rows = session.execute(chosen.with_for_update(skip_locked=True)).all()
+    if rows:
+        session.execute(delete(model).where(tuple_(*key).in_([tuple(row) for row in rows])))
+    return Chunk(len(rows))
+
+
 # In this order: a batch goes once its lines (taken with the jobs) and line errors are gone.
 TAKES: dict[str, Take] = {
     "jobs": _take_jobs,
     "line_errors": _take_line_errors,
     "batches": _take_batches,
     "files": _take_input_files,
+    "webhook_events": _take_events,
+    "schedule_runs": _take_schedule_runs,
 }
 
 

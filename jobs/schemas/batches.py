@@ -1,6 +1,5 @@
 """The Files and Batches API's objects, in OpenAI's shapes."""
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -9,12 +8,7 @@ from jobs.models import Batch, FileObject
 from jobs.schemas.base import Money, RequestModel
 from jobs.schemas.native import MAX_METADATA_PAIRS
 from jobs.schemas.openai import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT
-from jobs.timeutil import aware
-
-
-def _stamp(value: datetime | None) -> int | None:
-    moment = aware(value)
-    return int(moment.timestamp()) if moment is not None else None
+from jobs.timeutil import unix_seconds
 
 
 class FilePublic(BaseModel):
@@ -33,7 +27,7 @@ class FilePublic(BaseModel):
         return cls(
             id=file.id,
             bytes=file.bytes,
-            created_at=_stamp(file.created_at) or 0,
+            created_at=unix_seconds(file.created_at) or 0,
             filename=file.filename,
             purpose=file.purpose,
         )
@@ -108,7 +102,8 @@ class BatchPublic(BaseModel):
     usage: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, batch: Batch, counts: RequestCounts, usage: dict[str, Any]) -> "BatchPublic":
+    def of(cls, batch: Batch) -> "BatchPublic":
+        """The batch as its GET returns it: its counts and usage read from its own row."""
         return cls(
             id=batch.id,
             endpoint=batch.endpoint,
@@ -118,22 +113,44 @@ class BatchPublic(BaseModel):
             status=batch.status.value,
             output_file_id=batch.output_file_id,
             error_file_id=batch.error_file_id,
-            created_at=_stamp(batch.created_at) or 0,
-            in_progress_at=_stamp(batch.in_progress_at),
-            expires_at=_stamp(batch.expires_at),
-            finalizing_at=_stamp(batch.finalizing_at),
-            completed_at=_stamp(batch.completed_at),
-            failed_at=_stamp(batch.failed_at),
-            expired_at=_stamp(batch.expired_at),
-            cancelling_at=_stamp(batch.cancelling_at),
-            cancelled_at=_stamp(batch.cancelled_at),
-            request_counts=counts,
+            created_at=unix_seconds(batch.created_at) or 0,
+            in_progress_at=unix_seconds(batch.in_progress_at),
+            expires_at=unix_seconds(batch.expires_at),
+            finalizing_at=unix_seconds(batch.finalizing_at),
+            completed_at=unix_seconds(batch.completed_at),
+            failed_at=unix_seconds(batch.failed_at),
+            expired_at=unix_seconds(batch.expired_at),
+            cancelling_at=unix_seconds(batch.cancelling_at),
+            cancelled_at=unix_seconds(batch.cancelled_at),
+            request_counts=request_counts(batch),
             metadata=batch.metadata_,
             callback_url=batch.callback_url,
             max_cost=float(batch.max_cost) if batch.max_cost is not None else None,
             retry_of=batch.retry_of,
-            usage=usage,
+            usage=usage(batch),
         )
+
+
+def request_counts(batch: Batch) -> RequestCounts:
+    """As the batch's files hold them once it has ended; as its lines have ended so far
+    before that (the counters on its row)."""
+    if batch.status.finished:
+        return RequestCounts(total=batch.total, completed=batch.completed, failed=batch.failed)
+    return RequestCounts(
+        total=batch.total,
+        completed=batch.lines_succeeded,
+        failed=batch.invalid + batch.lines_failed,
+    )
+
+
+def usage(batch: Batch) -> dict[str, Any]:
+    """Tokens and cost of the batch's lines that have succeeded, from the counters on its row."""
+    return {
+        "prompt_tokens": batch.prompt_tokens,
+        "completion_tokens": batch.completion_tokens,
+        "total_tokens": batch.prompt_tokens + batch.completion_tokens,
+        "estimated_cost": float(batch.cost),
+    }
 
 
 class BatchList(BaseModel):

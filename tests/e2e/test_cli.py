@@ -60,6 +60,9 @@ def test_run_writes_one_line_per_input_line_in_order(tmp_path: Path, models_dir:
     assert "completion tokens/s" in result.stderr and "cost: $" in result.stderr
     # What a user needs (the progress bar, the summary, warnings) and no library chatter.
     assert not [line for line in result.stderr.splitlines() if " INFO " in line], result.stderr
+    # Nor the warnings libraries print at every start about kernels the engine does not use.
+    noise = ("torchao", "_pytree")
+    assert not [line for line in result.stderr.splitlines() if any(n in line for n in noise)]
 
 
 def test_submit_waits_and_downloads_the_output_and_error_files(

@@ -199,8 +199,9 @@ def with_links(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def seed_objects(api: LiveApi) -> None:
-    """A file, a running batch, a cancelled one and a job, made as a client makes them: what
-    the lists return gives the chains ids to follow from their first step."""
+    """A file, a running batch, a cancelled one, a job, a cancelled job with a callback (so an
+    event) and two schedules, made as a client makes them: what the lists return gives the
+    chains ids to follow from their first step."""
     with httpx.Client(
         base_url=api.url, headers={"Authorization": f"Bearer {api.key}"}, timeout=30
     ) as client:
@@ -212,6 +213,16 @@ def seed_objects(api: LiveApi) -> None:
             created = client.post("/v1/batches", json=batch).raise_for_status().json()
         client.post(f"/v1/batches/{created['id']}/cancel").raise_for_status()
         client.post("/v1/jobs", json={"prompt": "Hello", "max_tokens": 4}).raise_for_status()
+        # A job with a callback, cancelled: its event gives the webhook routes a real id.
+        hooked = {"prompt": "Hello", "max_tokens": 4, "callback_url": "https://example.com/fuzz"}
+        job = client.post("/v1/jobs", json=hooked).raise_for_status().json()
+        client.post(f"/v1/jobs/{job['id']}/cancel").raise_for_status()
+        schedules = (
+            {"name": "job", "cron": "0 9 * * *", "job": {"prompt": "Hello", "max_tokens": 4}},
+            {"name": "batch", "cron": "0 9 * * 1", "batch": batch},
+        )
+        for schedule in schedules:
+            client.post("/v1/schedules", json=schedule).raise_for_status()
 
 
 @pytest.fixture(scope="module")

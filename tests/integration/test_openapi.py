@@ -35,6 +35,16 @@ ERRORS: dict[tuple[str, str], set[str]] = {
     ("get", "/v1/batches/{batch_id}"): WITH_ID,
     ("post", "/v1/batches/{batch_id}/cancel"): WITH_ID | {"409"},
     ("post", "/v1/batches/{batch_id}/retry"): WITH_ID | {"409", "410"},
+    ("post", "/v1/schedules"): JSON_BODY | {"404"},
+    ("get", "/v1/schedules"): KEYED | {"422"},
+    ("get", "/v1/schedules/{schedule_id}"): WITH_ID,
+    ("patch", "/v1/schedules/{schedule_id}"): WITH_ID | {"400", "413"},
+    ("delete", "/v1/schedules/{schedule_id}"): WITH_ID,
+    ("get", "/v1/schedules/{schedule_id}/runs"): WITH_ID,
+    ("get", "/v1/webhooks/secret"): KEYED,
+    ("post", "/v1/webhooks/secret/rotate"): KEYED,
+    ("get", "/v1/webhooks/events"): KEYED | {"422"},
+    ("post", "/v1/webhooks/events/{event_id}/redeliver"): WITH_ID | {"409"},
 }
 
 

@@ -9,8 +9,8 @@ import torch
 from jobs.registry import resolve_model
 from jobs.sampling import SamplingParams
 from jobs.settings import Settings
-from jobs.tokenizer import ChatMessage
-from worker.engine.decode import generate
+from jobs.tokenizer import ChatMessage, v1_tokenizer
+from worker.engine.decode import NewRow, _Row, generate
 from worker.engine.loader import LoadedModel, load_model
 
 
@@ -159,3 +159,49 @@ def test_a_dropped_row_stops_at_once_and_its_batch_mates_are_unchanged(
     assert cut[1].finish_reason == "cancelled" and len(cut[1].token_ids) == 3
     assert cut[1].token_ids == alone[1].token_ids[:3]
     assert [cut[i].token_ids for i in (0, 2)] == [alone[i].token_ids for i in (0, 2)]
+
+
+def test_stop_strings_of_byte_fallback_characters_fire() -> None:
+    # Math letters and some CJK characters have no piece of their own: each is 3 or 4
+    # byte-fallback tokens, so a stop string of two characters spans up to 8 tokens.
+    tokenizer = v1_tokenizer()
+    for before, stop, after in [("x = ", "𝔸𝔹", " y"), ("ok ", "漢漢", " no"), ("a ", "🙂🙂", "b")]:
+        ids = tokenizer.encode(before + stop + after)
+        row = _Row(NewRow(0, [1], SamplingParams(max_tokens=64, stop=(stop,))), budget=64)
+        for token in ids:
+            row.accept(token, tokenizer.eos_id, tokenizer.decode)
+            if row.finish is not None:
+                break
+        assert row.finish == "stop", stop
+        assert row.result(tokenizer.decode).text == tokenizer.decode(ids).split(stop)[0]
+
+
+def test_eos_counts_as_a_completion_token() -> None:
+    tokenizer = v1_tokenizer()
+    row = _Row(NewRow(0, [1], SamplingParams(max_tokens=8)), budget=8)
+    for token in [*tokenizer.encode("Hi there"), tokenizer.eos_id]:
+        row.accept(token, tokenizer.eos_id, tokenizer.decode)
+    result = row.result(tokenizer.decode)
+    assert result.finish_reason == "stop" and tokenizer.eos_id not in result.token_ids
+    assert result.completion_tokens == len(result.token_ids) + 1
+
+
+def test_an_empty_batch_gives_no_results(loaded: LoadedModel) -> None:
+    assert generate(loaded, [], []) == []
+
+
+def test_a_row_that_cannot_be_set_up_fails_alone(loaded: LoadedModel) -> None:
+    rng = random.Random(7)
+    prompts = [random_prompt(loaded, rng) for _ in range(4)]
+    params = [SamplingParams(max_tokens=10, temperature=0.8, seed=i) for i in range(4)]
+    # A token id outside the vocabulary: the embedding would raise for the whole batch.
+    bad = [*prompts[2][:-1], loaded.model.config.vocab_size + 5]
+    # A seed beyond 64 bits once overflowed the CPU generator and failed the whole batch.
+    huge_seed = SamplingParams(max_tokens=10, temperature=0.8, seed=2**70)
+    rows = [*prompts[:2], bad, prompts[3], prompts[0]]
+    batch = generate(loaded, rows, [*params[:2], params[2], params[3], huge_seed])
+    assert batch[2].finish_reason == "error" and batch[2].token_ids == []
+    assert batch[2].error is not None and "vocabulary" in batch[2].error
+    for i in (0, 1, 3):
+        assert batch[i].token_ids == generate(loaded, [prompts[i]], [params[i]])[0].token_ids, i
+    assert batch[4].finish_reason == "length" and len(batch[4].token_ids) == 10

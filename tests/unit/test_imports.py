@@ -26,7 +26,7 @@ FORBIDDEN = {
     "tests/factories.py": {"mbatch"},
 }
 # What the API process must never load.
-NOT_IN_THE_API = ("torch", "transformers", "peft", "worker")
+NOT_IN_THE_API = ("torch", "transformers", "peft", "gptqmodel", "optimum", "worker")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -72,3 +72,16 @@ def test_the_api_loads_no_model_code() -> None:
     assert result.returncode == 0, result.stderr
     loaded = set(result.stdout.split()) & set(NOT_IN_THE_API)
     assert not loaded, f"importing api.app loads {sorted(loaded)}"
+
+
+def test_the_webhooks_worker_loads_no_model_code() -> None:
+    """`mbatch webhooks` delivers callbacks: no model, no torch, not the GPU worker's tasks."""
+    code = "import sys, worker.webhooks\nprint(' '.join(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    modules = set(result.stdout.split())
+    loaded = {m.split(".")[0] for m in modules} & MODEL_LIBRARIES
+    loaded |= modules & {"worker.tasks", "worker.runtime", "worker.celery_app", "worker.engine"}
+    assert not loaded, f"importing worker.webhooks loads {sorted(loaded)}"

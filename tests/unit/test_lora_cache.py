@@ -83,9 +83,9 @@ def test_a_mixed_batch_gives_each_row_what_its_adapter_gives_alone(
 
     by_row = {row: generation.token_ids for row, generation in zip(rows, out, strict=True)}
     for (text, adapter), tokens in by_row.items():
-        folder = adapter_dirs[adapter] if adapter is not None else None
+        adapter_dir = adapter_dirs[adapter] if adapter is not None else None
         expected = greedy_alone(
-            models_dir / "tiny-random-mistral", folder, prompt_ids(loaded, text), 12
+            models_dir / "tiny-random-mistral", adapter_dir, prompt_ids(loaded, text), 12
         )
         assert tokens == expected, (text, adapter)
         if adapter is not None:

@@ -195,10 +195,13 @@ def test_every_sampling_parameter_is_a_column_or_named_as_none() -> None:
     batch = SamplingTensors.from_params(
         [SamplingParams(top_k=2, seed=1), SamplingParams(top_p=3.0)], VOCAB, torch.device("cpu")
     )
-    columns = {f.name for f in fields(batch)} - {"greedy", "generators"}
+    host_side = {"params", "vocab_size", "flags"}
+    columns = {f.name for f in fields(batch)} - {"greedy", "rng_key", "step"} - host_side
     not_columns = {"max_tokens", "seed", "stop"}
     assert columns == {f.name for f in fields(SamplingParams)} - not_columns
     assert batch.top_k.tolist() == [2, VOCAB] and batch.top_p.tolist() == [1.0, 1.0]
     assert batch.top_k.dtype == torch.int64 and batch.min_p.dtype == torch.float32
-    kept_rows = batch.select(torch.tensor([1]))
-    assert kept_rows.top_k.tolist() == [VOCAB] and len(kept_rows.generators) == 1
+    for keep in ([1], torch.tensor([1])):
+        kept_rows = batch.select(keep)
+        assert kept_rows.top_k.tolist() == [VOCAB] and kept_rows.params == (batch.params[1],)
+        assert kept_rows.rng_key.tolist() == batch.rng_key[1:].tolist()

@@ -1,35 +1,71 @@
-"""The decode loop: one prefill over left-padded prompts, then one token per row per step.
+"""The decode loop: rows in the slots of a preallocated KV cache, one token per row per step.
 
-Rows that finish leave the batch at once: their rows of the KV cache are dropped, and so are
-cache columns that only padding still occupies, so no compute goes to finished work.
+A batch has a fixed number of slots. Rows join by a prefill of their own (left-padded prompts,
+written into free slots) and leave as soon as they finish; a free slot is refilled from the
+caller's queue (`refill`) before the next step, so the slots stay full while work waits. The
+active rows always fill slots [0, n): a row that leaves without a successor has the highest
+row moved into its slot, so a step's cost follows the rows that are still decoding.
+
+A decode step reads back one tensor, the new tokens; EOS, stop strings and lengths are checked
+on the host from it, and nothing else in a step waits for the device. Rows joining or leaving
+cost a few host-device transfers more (their prefill's first tokens, the new layout).
 """
 
 import time
-from collections.abc import Callable, Collection, Sequence
+import weakref
+from collections import deque
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from jobs.sampling import SamplingParams
+from worker.engine.batching import plan_groups
+from worker.engine.kv_cache import SlotCache, attention_mask, decode_inputs, prefill_inputs
 from worker.engine.loader import LoadedModel
-from worker.engine.lora_cache import BASE, adapter_names
+from worker.engine.lora_batched import BASE, forward_indexed, row_indices
 from worker.engine.sampler import SamplingTensors, sample
 
 Decode = Callable[[Sequence[int]], str]
-# The rows (by index) whose results are no longer wanted: they leave at the next step.
-Dropped = Callable[[], Collection[int]]
 CANCELLED = "cancelled"
+FAILED = "error"
+# A prefill group is split where left padding would pass this multiple of its real tokens.
+PREFILL_MAX_PADDING = 0.5
+# The profiler's name for a decode step.
+STEP_LABEL = "mbatch::decode_step"
+# A cache's slots are a multiple of this many columns long.
+CACHE_COLUMNS = 64
+# Each model's cache, kept for its next batch (a worker runs one batch at a time).
+_CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, SlotCache]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
 class Generation:
-    token_ids: list[int]
+    token_ids: list[int]  # without the EOS token, if the row ended with one
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string), "length", or CANCELLED
+    finish_reason: str  # "stop" (EOS or a stop string), "length", CANCELLED or FAILED
     compute_seconds: float  # this row's share of the batch's time, by tokens
+    # Tokens generated, EOS included, as OpenAI and vLLM count them (and bill them).
+    completion_tokens: int
+    error: str | None = None  # why a FAILED row could not run; its batch mates ran on
+
+
+@dataclass(frozen=True)
+class NewRow:
+    """A row to decode; `key` is the caller's, handed back with its result."""
+
+    key: Hashable
+    prompt: Sequence[int]
+    params: SamplingParams
+    adapter: str | None = None
+
+
+# Called with the number of free slots; returns at most that many rows to start.
+Refill = Callable[[int], Sequence[NewRow]]
+OnFinish = Callable[[Hashable, Generation], None]
+# The keys of rows whose results are no longer wanted: they leave at the next step.
+Dropped = Callable[[], Collection[Hashable]]
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
@@ -39,20 +75,27 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
 
 
 class _Row:
-    """The state of one prompt while it decodes."""
+    """The state of one row while it decodes."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, budget: int) -> None:
-        self.prompt = prompt
-        self.params = params
+    def __init__(self, new: NewRow, budget: int) -> None:
+        self.key = new.key
+        self.prompt = list(new.prompt)
+        self.params = new.params
+        self.adapter = new.adapter or BASE
         self.budget = budget
         self.tokens: list[int] = []
+        self.ended_by_eos = False
         self.finish: str | None = "length" if budget == 0 else None
         self.cut_text: str | None = None
+        self.error: str | None = None
         self.seconds = 0.0
+        # The longest stop string in UTF-8 bytes: every token adds at least one byte to the
+        # text, so a stop string that ends in the newest token lies within that many tokens.
+        self.stop_bytes = max((len(stop.encode()) for stop in self.params.stop), default=0)
 
     def accept(self, token: int, eos_id: int, decode: Decode) -> None:
         if token == eos_id:
-            self.finish = "stop"
+            self.finish, self.ended_by_eos = "stop", True
             return
         self.tokens.append(token)
         if self.params.stop and self._stop_in_tail(decode):
@@ -64,144 +107,442 @@ class _Row:
             self.finish = "length"
 
     def _stop_in_tail(self, decode: Decode) -> bool:
-        """Whether a stop string ends in the newest tokens: every token is at least one
-        character, so a stop string of n characters lies within the last n tokens, and a few
-        more keep it clear of the window's first piece, whose leading space decode drops."""
-        window = max(len(stop) for stop in self.params.stop) + 4
-        tail = decode(self.tokens[-window:])
+        """Whether a stop string lies in the newest tokens. Counted in bytes, not characters:
+        byte-fallback tokens (emoji, CJK, math letters) are a byte each, several per character.
+        A few more tokens keep the stop string clear of the window's first piece, which may be
+        the end of a character cut in two, or lose its leading space in decoding."""
+        tail = decode(self.tokens[-(self.stop_bytes + 4) :])
         return any(stop in tail for stop in self.params.stop)
 
+    def fail(self, error: str) -> None:
+        self.finish, self.error = FAILED, error
 
-def _trimmable(cache: DynamicCache) -> bool:
-    """Leading columns can be cut only from plain layers; sliding-window layers count theirs."""
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    def result(self, decode: Decode) -> Generation:
+        text = self.cut_text if self.cut_text is not None else decode(self.tokens)
+        return Generation(
+            token_ids=self.tokens,
+            text=text if self.finish != FAILED else "",
+            finish_reason=self.finish or "length",
+            compute_seconds=self.seconds,
+            completion_tokens=len(self.tokens) + self.ended_by_eos,
+            error=self.error,
+        )
 
 
-def _select_cache(cache: DynamicCache, keep: torch.Tensor, drop_columns: int) -> None:
-    for layer in cache.layers:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if keys is None or values is None:
-            continue
-        keys, values = keys[keep], values[keep]
-        if drop_columns:
-            keys, values = keys[:, :, drop_columns:], values[:, :, drop_columns:]
-        layer.keys, layer.values = keys, values  # type: ignore[union-attr]
+class _Sampling:
+    """The sampler's per-row state, row i for slot i: its tensors, and the tokens each row has
+    seen (prompt and output) and generated, for the penalties. Every call into the sampler is
+    made here."""
+
+    def __init__(self, tensors: SamplingTensors, seen: torch.Tensor, counts: torch.Tensor) -> None:
+        self.tensors, self.seen, self.counts = tensors, seen, counts
+
+    @classmethod
+    def start(
+        cls,
+        rows: Sequence[_Row],
+        vocab: int,
+        device: torch.device,
+        prompts: torch.Tensor,
+        real: torch.Tensor,
+    ) -> "_Sampling":
+        """New rows, with `prompts` their padded ids and `real` where they are not padding."""
+        tensors = SamplingTensors.from_params([row.params for row in rows], vocab, device)
+        seen = torch.zeros((len(rows), vocab), device=device)
+        seen = seen.scatter_add_(1, prompts, real.to(seen.dtype)) > 0
+        counts = torch.zeros((len(rows), vocab), dtype=torch.int32, device=device)
+        return cls(tensors, seen, counts)
+
+    @staticmethod
+    def check(params: SamplingParams, vocab: int, device: torch.device) -> None:
+        """Raise what setting up this row's sampling alone raises."""
+        SamplingTensors.from_params([params], vocab, device)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        tokens = sample(logits, self.seen, self.counts, self.tensors)
+        # Kept up only while a row uses them: a row that joins later starts its own from its
+        # prompt, and a row without penalties never reads them.
+        flags = self.tensors.flags
+        if flags.any_repetition_penalty or flags.any_additive_penalty:
+            rows = torch.arange(len(tokens), device=tokens.device)
+            self.seen[rows, tokens] = True
+            self.counts[rows, tokens] += 1
+        return tokens
+
+    def extend(self, other: "_Sampling") -> "_Sampling":
+        return _Sampling(
+            self.tensors.concat(other.tensors),
+            torch.cat([self.seen, other.seen]),
+            torch.cat([self.counts, other.counts]),
+        )
+
+    def select(self, rows: list[int], index: torch.Tensor) -> "_Sampling":
+        """These rows, in this order (`index` is `rows` on the device)."""
+        return _Sampling(self.tensors.select(rows), self.seen[index], self.counts[index])
+
+
+@dataclass
+class _Joining:
+    """A prefilled group of new rows, with the slots they were written into."""
+
+    rows: list[_Row]
+    slots: list[int]
+    first_columns: list[int]
+    width: int
+    sampling: _Sampling
+    tokens: torch.Tensor  # each row's first token
+
+
+class _Batch:
+    """The rows in the slots, and what the device holds for them."""
+
+    def __init__(
+        self, loaded: LoadedModel, slots: int, on_finish: OnFinish, compiled: bool = False
+    ) -> None:
+        self.loaded = loaded
+        self.slots = slots
+        # A compiled step always runs every slot over every column: one shape, one graph.
+        self.step_forward = _compiled_step(loaded.device) if compiled else _model_step
+        self.on_finish = on_finish
+        self.device = loaded.device
+        config = loaded.model.config
+        self.vocab = config.vocab_size
+        self.window: int | None = getattr(config, "sliding_window", None)
+        self.attention = config._attn_implementation
+        self.context = loaded.spec.context_length
+        self.eos_id = loaded.tokenizer.eos_id
+        self.decode = loaded.tokenizer.decode
+        self.cache: SlotCache | None = None
+        # Slot i: its row, the first column of the row's own (after its left padding) and the
+        # column its next token goes to; the same two columns on the device (for every slot,
+        # 0 where none is in use); the row's input token for the next step; its sampling state.
+        self.rows: list[_Row] = []
+        self.first: list[int] = []
+        self.next: list[int] = []
+        self.first_t = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.next_t = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.next_ids = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.sampling: _Sampling | None = None
+        # Rows that finished before they had a slot (setup failed, or no room for a token).
+        self.unseated: list[_Row] = []
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.rows)
+
+    # Rows joining ------------------------------------------------------------------------
+
+    def admit(self, new_rows: Sequence[NewRow]) -> None:
+        """Prefill new rows into free slots; they take part in the next step. A row that
+        cannot be set up fails alone, at once."""
+        rows = [row for row in map(self._setup, new_rows) if row.finish is None]
+        if not rows:
+            return
+        live = set(range(len(self.rows)))  # the loop retires finished rows before admitting
+        final = len(live) + len(rows)
+        free = [slot for slot in range(final) if slot not in live]
+        joining = []
+        groups = plan_groups(rows, lambda row: len(row.prompt), PREFILL_MAX_PADDING, min_rows=1)
+        # Each row needs its group's width (its prompt, left-padded) and its own budget.
+        self._reserve(max(len(group[-1].prompt) + max(r.budget for r in group) for group in groups))
+        for group in groups:
+            targets, free = free[: len(group)], free[len(group) :]
+            joining.append(self._prefill(group, targets))
+        self._arrange(live, final, joining)
+
+    def _setup(self, new: NewRow) -> _Row:
+        """A row, checked alone: its ids, its sampling settings."""
+        # A prompt that leaves less room than max_tokens is capped and reports "length".
+        row = _Row(new, min(new.params.max_tokens, max(self.context - len(new.prompt), 0)))
+        try:
+            if not row.prompt:
+                raise ValueError("the prompt has no tokens")
+            if min(row.prompt) < 0 or max(row.prompt) >= self.vocab:
+                raise ValueError(f"a prompt token is outside the vocabulary of {self.vocab}")
+            _Sampling.check(row.params, self.vocab, self.device)
+            if row.adapter != BASE:
+                row_indices(self.loaded, [row.adapter])  # raises unless it is loaded
+        except torch.OutOfMemoryError:
+            raise  # not the row's fault: its batch cannot run now
+        except Exception as exc:
+            row.fail(f"the row could not be set up: {exc}")
+        if row.finish is not None:
+            self.unseated.append(row)
+        return row
+
+    def _prefill(self, group: list[_Row], slots: list[int]) -> _Joining:
+        assert self.cache is not None
+        started = time.perf_counter()
+        width = max(len(row.prompt) for row in group)
+        input_ids = torch.zeros((len(group), width), dtype=torch.long)
+        real = torch.zeros((len(group), width), dtype=torch.bool)
+        for index, row in enumerate(group):
+            input_ids[index, width - len(row.prompt) :] = torch.tensor(row.prompt)
+            real[index, width - len(row.prompt) :] = True
+        input_ids, real = input_ids.to(self.device), real.to(self.device)
+        lengths = [len(row.prompt) for row in group]
+        allowed, positions = prefill_inputs(lengths, width, self.window, self.device)
+        self.cache.plan_prefill(slots, width)
+        names = [row.adapter for row in group]
+        logits = _model_step(
+            self.loaded,
+            _adapter_index(self.loaded, names),
+            input_ids,
+            attention_mask(allowed, self.attention, self.loaded.dtype),
+            positions,
+            self.cache,
+        )
+        sampling = _Sampling.start(group, self.vocab, self.device, input_ids, real)
+        tokens = sampling.sample(logits)
+        joining = _Joining(group, slots, [width - n for n in lengths], width, sampling, tokens)
+        for row, token in zip(group, tokens.tolist(), strict=True):
+            row.accept(token, self.eos_id, self.decode)
+        elapsed = time.perf_counter() - started
+        for row in group:  # the prefill's time, shared by prompt tokens
+            row.seconds += elapsed * len(row.prompt) / sum(lengths)
+        return joining
+
+    def _reserve(self, columns: int) -> None:
+        """A cache whose slots hold `columns` columns: the model's cache from earlier batches
+        where it has slots enough, else a new one; grown when a row needs more than any
+        before it. Kept from batch to batch, so that its memory is allocated once, and a
+        compiled step keeps its graph (the cache's tensors are its static inputs)."""
+        columns = -(-columns // CACHE_COLUMNS) * CACHE_COLUMNS
+        if self.cache is None:
+            cache = _CACHES.get(self.loaded.model)
+            if cache is None or cache.slots < self.slots or cache.dtype != self.loaded.dtype:
+                config = self.loaded.model.config
+                cache = SlotCache(config, self.slots, columns, self.loaded.dtype, self.device)
+                _CACHES[self.loaded.model] = cache
+            self.cache = cache
+        if columns > self.cache.max_len:
+            # A quarter more than asked, so that a run of longer rows grows it rarely.
+            self.cache.grow(max(columns, self.cache.max_len * 5 // 4))
+
+    def _arrange(self, live: set[int], final: int, joining: list[_Joining]) -> None:
+        """Lay the batch out again: the live rows and the joining ones fill slots [0, final).
+        Live rows above `final` move down into the slots left free; the joining rows were
+        prefilled into theirs."""
+        assert self.cache is not None
+        taken = {slot for group in joining for slot in group.slots}
+        holes = [slot for slot in range(final) if slot not in live and slot not in taken]
+        movers = sorted(slot for slot in live if slot >= final)
+        assert len(holes) == len(movers)
+        if movers:
+            columns = max(self.next[slot] for slot in movers)
+            self.cache.move(movers, holes, columns)
+        # Where each slot's state comes from: an old slot, or a joining row, numbered after
+        # the old slots in the order the joining groups are concatenated below. Each source
+        # is a row with its first and next columns.
+        source = {slot: slot for slot in live if slot < final}
+        source.update(zip(holes, movers, strict=True))
+        states = {
+            slot: (self.rows[slot], self.first[slot], self.next[slot]) for slot in source.values()
+        }
+        joined = len(self.rows)
+        for group in joining:
+            for row, slot, column in zip(group.rows, group.slots, group.first_columns, strict=True):
+                source[slot], states[joined] = joined, (row, column, group.width)
+                joined += 1
+        order_list = [source[slot] for slot in range(final)]
+        self.rows = [states[index][0] for index in order_list]
+        self.first = [states[index][1] for index in order_list]
+        self.next = [states[index][2] for index in order_list]
+        order = torch.tensor(order_list, device=self.device)
+        sampling = self.sampling
+        next_ids = [self.next_ids]
+        for group in joining:
+            sampling = group.sampling if sampling is None else sampling.extend(group.sampling)
+            next_ids.append(group.tokens)
+        assert sampling is not None
+        self.sampling = sampling.select(order_list, order) if final else None
+        self.next_ids = torch.cat(next_ids)[order]
+        idle = [0] * (self.cache.slots - final)
+        self.first_t = torch.tensor(self.first + idle, device=self.device)
+        self.next_t = torch.tensor(self.next + idle, device=self.device)
+
+    # Rows leaving ------------------------------------------------------------------------
+
+    def retire(self) -> None:
+        """Report the rows that have finished; their slots are free from now on."""
+        for row in self.unseated:
+            self.on_finish(row.key, row.result(self.decode))
+        self.unseated = []
+        done = [slot for slot, row in enumerate(self.rows) if row.finish is not None]
+        if not done:
+            return
+        assert self.cache is not None
+        for slot in done:
+            row = self.rows[slot]
+            self.on_finish(row.key, row.result(self.decode))
+            self.cache.release(slot, self.next[slot])  # it wrote the columns before `next`
+        live = {slot for slot, row in enumerate(self.rows) if row.finish is None}
+        if live:
+            self._arrange(live, len(live), [])
+        else:
+            self.rows, self.first, self.next, self.sampling = [], [], [], None
+            self.next_ids = self.next_ids[:0]
+
+    def settle(self, dropped: Dropped | None) -> None:
+        """Stop the rows that `dropped` names, then let every finished row go."""
+        keys = dropped() if dropped is not None else ()
+        for row in self.rows:
+            if row.key in keys and row.finish is None:
+                row.finish = CANCELLED
+        self.retire()
+
+    # A decode step -----------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One token for every row in the slots."""
+        assert self.cache is not None and self.sampling is not None
+        with torch.profiler.record_function(STEP_LABEL):  # what bench/steps.py counts
+            self._step()
+
+    def _step(self) -> None:
+        assert self.cache is not None and self.sampling is not None
+        started = time.perf_counter()
+        rows = len(self.rows)
+        if self.step_forward is _model_step:
+            width, kv_len, input_ids = rows, max(self.next) + 1, self.next_ids
+        else:  # idle slots decode token 0 at their column 0, which a prefill overwrites
+            width, kv_len = self.cache.slots, self.cache.max_len
+            input_ids = torch.cat([self.next_ids, self.next_ids.new_zeros(width - rows)])
+        first, next_column = self.first_t[:width], self.next_t[:width]
+        self.cache.plan_decode(width, next_column, kv_len)
+        allowed, positions = decode_inputs(first, next_column, kv_len, self.window)
+        names = [row.adapter for row in self.rows] + [BASE] * (width - rows)
+        adapters = _adapter_index(self.loaded, names)  # kept by lora_batched while unchanged
+        logits = self.step_forward(
+            self.loaded,
+            adapters,
+            input_ids.unsqueeze(1),
+            attention_mask(allowed, self.attention, self.loaded.dtype),
+            positions,
+            self.cache,
+        )
+        tokens = self.sampling.sample(logits[:rows])
+        self.next_ids = tokens
+        self.next_t[:rows] += 1
+        self.next = [column + 1 for column in self.next]
+        token_list = tokens.tolist()  # the step's one read-back
+        for row, token in zip(self.rows, token_list, strict=True):
+            row.accept(token, self.eos_id, self.decode)
+        share = (time.perf_counter() - started) / rows
+        for row in self.rows:
+            row.seconds += share
 
 
 @torch.inference_mode()
+def decode_rows(
+    loaded: LoadedModel,
+    rows: Sequence[NewRow],
+    on_finish: OnFinish,
+    *,
+    slots: int | None = None,
+    refill: Refill | None = None,
+    dropped: Dropped | None = None,
+    compile: bool = False,
+) -> None:
+    """Decode rows, each with its own sampling parameters and LoRA adapter (None: the base
+    model), `slots` at a time (all of them by default); `on_finish` gets each row's result as
+    soon as it ends. The adapters must be loaded (`LoraCache.ensure`).
+
+    Rows beyond the slots wait their turn; once none wait, `refill` is asked for more whenever
+    slots are free (always with every slot free before the batch ends). Rows that `dropped`
+    names stop where they are, with the finish reason CANCELLED. With `compile`, the decode
+    step runs under torch.compile (`MBATCH_COMPILE`)."""
+    slots = slots if slots is not None else len(rows)
+    if slots < 1:
+        if rows:
+            raise ValueError("a batch with rows needs at least one slot")
+        return
+    batch = _Batch(loaded, slots, on_finish, compiled=compile)
+    waiting = deque(rows)
+    while True:
+        if not waiting and refill is not None and batch.free:
+            waiting.extend(refill(batch.free))  # any beyond the free slots wait their turn
+        joining = [waiting.popleft() for _ in range(min(batch.free, len(waiting)))]
+        if joining:
+            batch.admit(joining)
+            batch.settle(dropped)
+            continue  # rows may finish at their first token: room for more before a step
+        if not batch.rows:
+            return
+        batch.step()
+        batch.settle(dropped)
+
+
 def generate(
     loaded: LoadedModel,
     prompts: Sequence[list[int]],
     params: Sequence[SamplingParams],
     adapters: Sequence[str | None] | None = None,
-    dropped: Dropped | None = None,
+    dropped: Callable[[], Collection[int]] | None = None,
+    compile: bool = False,
 ) -> list[Generation]:
-    """Decode every prompt with its own sampling parameters and LoRA adapter (None: the
-    base model), in one batch. The adapters must be loaded (`LoraCache.ensure`). Rows that
-    `dropped` names stop where they are, with the finish reason CANCELLED."""
-    device = loaded.device
-    names = adapter_names(adapters if adapters is not None else [None] * len(prompts))
-    if loaded.peft is None and set(names) != {BASE}:
-        raise ValueError("a row names an adapter, but none is loaded")
-    vocab = loaded.model.config.vocab_size
-    context = loaded.spec.context_length
-    eos_id = loaded.tokenizer.eos_id
-    decode = loaded.tokenizer.decode
-    # A prompt that leaves less room than max_tokens is capped and reports "length".
+    """Decode every prompt with its own sampling parameters and adapter, in one batch; the
+    results in the order of the prompts. Rows that `dropped` names (by index) stop where they
+    are, with the finish reason CANCELLED. `compile`: as `decode_rows`."""
+    names = adapters if adapters is not None else [None] * len(prompts)
     rows = [
-        _Row(list(ids), p, min(p.max_tokens, max(context - len(ids), 0)))
-        for ids, p in zip(prompts, params, strict=True)
+        NewRow(index, prompt, p, adapter)
+        for index, (prompt, p, adapter) in enumerate(zip(prompts, params, names, strict=True))
     ]
-    active = [index for index, row in enumerate(rows) if row.finish is None]
-    if not active:
-        return _results(rows, decode)
+    results: dict[Hashable, Generation] = {}
+    decode_rows(loaded, rows, results.__setitem__, dropped=dropped, compile=compile)
+    return [results[index] for index in range(len(rows))]
 
-    width = max(len(rows[i].prompt) for i in active)
-    input_ids = torch.zeros((len(active), width), dtype=torch.long, device=device)
-    attention = torch.zeros((len(active), width), dtype=torch.long, device=device)
-    for slot, index in enumerate(active):
-        ids = rows[index].prompt
-        input_ids[slot, width - len(ids) :] = torch.tensor(ids, device=device)
-        attention[slot, width - len(ids) :] = 1
-    positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
 
-    tensors = SamplingTensors.from_params([rows[i].params for i in active], vocab, device)
-    seen = (
-        torch.zeros((len(active), vocab), device=device).scatter_add_(
-            1, input_ids, attention.float()
-        )
-        > 0
+def _adapter_index(loaded: LoadedModel, names: list[str]) -> torch.Tensor | None:
+    """Each row's adapter, as the batched LoRA layers index them; None when every row is on
+    the base model, whose forward then goes through no LoRA at all."""
+    if all(name == BASE for name in names):
+        return None
+    return row_indices(loaded, names)
+
+
+def _model_step(
+    loaded: LoadedModel,
+    adapters: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: SlotCache | None,
+) -> torch.Tensor:
+    """The next token's logits of every row, each with its adapter (by its index), writing
+    keys and values where the cache's plan says."""
+    output = forward_indexed(
+        loaded,
+        adapters,
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
     )
-    counts = torch.zeros((len(active), vocab), dtype=torch.int32, device=device)
-    cache = DynamicCache()
-    step_ids, step_positions = input_ids, positions
-    prefill = True
-    while active:
-        started = time.perf_counter()
-        logits = _forward(
-            loaded,
-            [names[i] for i in active],
-            input_ids=step_ids,
-            attention_mask=attention,
-            position_ids=step_positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1, :]
-        tokens = sample(logits, seen, counts, tensors)
-        token_list = tokens.tolist()
-        elapsed = time.perf_counter() - started
-        # Each row's share: by prompt tokens for the prefill, one token each afterwards.
-        weights = [len(rows[i].prompt) if prefill else 1 for i in active]
-        for index, weight in zip(active, weights, strict=True):
-            rows[index].seconds += elapsed * weight / sum(weights)
-        prefill = False
-
-        slots = torch.arange(len(active), device=device)
-        seen[slots, tokens] = True
-        counts[slots, tokens] += 1
-        for index, token in zip(active, token_list, strict=True):
-            rows[index].accept(token, eos_id, decode)
-        for index in dropped() if dropped is not None else ():
-            if rows[index].finish is None:
-                rows[index].finish = CANCELLED
-
-        step_ids = tokens.unsqueeze(1)
-        step_positions = step_positions[:, -1:] + 1
-        attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
-        still = [slot for slot, index in enumerate(active) if rows[index].finish is None]
-        if len(still) < len(active):
-            if not still:
-                break
-            keep = torch.tensor(still, device=device)
-            attention = attention[keep]
-            # Columns that are padding in every remaining row need no more attention.
-            drop = 0
-            if _trimmable(cache):
-                drop = int((attention == 0).all(dim=0).long().cumprod(dim=0).sum())
-            attention = attention[:, drop:]
-            _select_cache(cache, keep, drop)
-            step_ids, step_positions = step_ids[keep], step_positions[keep]
-            seen, counts = seen[keep], counts[keep]
-            tensors = tensors.select(keep)
-            active = [active[slot] for slot in still]
-    return _results(rows, decode)
+    return output.logits[:, -1, :]  # type: ignore[no-any-return]
 
 
-def _forward(loaded: LoadedModel, names: list[str], **inputs: Any) -> Any:
-    if loaded.peft is None:
-        return loaded.model(**inputs)
-    # Once PEFT has injected its layers, a plain call would apply an adapter to every row.
-    return loaded.peft(**inputs, adapter_names=names)
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def _results(rows: list[_Row], decode: Decode) -> list[Generation]:
-    return [
-        Generation(
-            token_ids=row.tokens,
-            text=row.cut_text if row.cut_text is not None else decode(row.tokens),
-            finish_reason=row.finish or "length",
-            compute_seconds=row.seconds,
-        )
-        for row in rows
-    ]
+def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
+    """`_model_step` under torch.compile: CUDA graphs on a GPU (`reduce-overhead`), inductor's
+    default elsewhere. Made once per process; dynamo compiles again only for a new shape."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _COMPILED:
+        compiled = torch.compile(_model_step, mode=mode, dynamic=False)
+        if device.type == "cuda":
+
+            def step(*args: Any) -> torch.Tensor:
+                # The logits live in the graph's own output buffer until the next replay:
+                # each step samples from them before the next one starts.
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(*args)
+
+            _COMPILED[mode] = step
+        else:
+            _COMPILED[mode] = compiled
+    return _COMPILED[mode]

@@ -1,9 +1,11 @@
 """The LoRA adapters loaded into a worker's model, least recently used evicted first.
 
-PEFT injects LoRA layers into the model in place. From the first adapter on, every forward
-pass names each row's adapter (`adapter_names`, `"__base__"` for a row with none); PEFT runs
-that as one pass of the base layers plus one small pass per distinct adapter in the batch, so
-one static batch serves several adapters and the base model together.
+PEFT reads, checks and maps each adapter's files: it injects LoRA layers into the model in
+place, and the cache refuses an adapter whose weights PEFT would not load whole. Each loaded
+adapter is then copied into a slot of the stacked weights of `lora_batched`, whose `forward`
+serves a batch that mixes adapters in one gathered pass per layer. PEFT's layers keep no
+active adapter, so a plain call of the model is the base model; its per-adapter path
+(`loaded.peft(..., adapter_names=...)`, `"__base__"` for a row with none) still works.
 """
 
 import logging
@@ -14,13 +16,15 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load
 
 from worker.engine.loader import LoadedModel
+from worker.engine.lora_batched import BASE, attach, stack_adapter
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"
+__all__ = ["BASE", "AdapterLoadError", "LoraCache", "adapter_names", "serving_config"]
 
 Fetch = Callable[[], bytes]
 
@@ -40,6 +44,8 @@ class LoraCache:
         # adapter, so they stay registered (never named by a row) until another one loads.
         self._broken: set[str] = set()
         self.loads = 0  # adapters loaded from their files over the cache's life
+        # One slot more than the capacity: a new adapter loads before the old one leaves.
+        self.slots = attach(loaded, capacity + 1)
 
     @property
     def resident(self) -> list[str]:
@@ -63,6 +69,8 @@ class LoraCache:
             raise AdapterLoadError(f"the weights could not be read: {exc}") from exc
         try:
             self._load(adapter_id, config, weights)
+            assert self.loaded.peft is not None
+            stack_adapter(self.slots, self.loaded.peft, adapter_id)
         except Exception as exc:
             self._forget(adapter_id)
             if isinstance(exc, torch.OutOfMemoryError):
@@ -77,8 +85,8 @@ class LoraCache:
         self._evict(set(keep) | {adapter_id})
 
     def _load(self, adapter_id: str, config: LoraConfig, weights: dict[str, torch.Tensor]) -> None:
-        # The wrapper exists before any weights load, so from the first injected layer on,
-        # every forward pass names its rows' adapters: a failed load can touch no row.
+        # The wrapper exists before any weights load, and its layers never keep an active
+        # adapter, so a failed load can touch no row on either path (PEFT's or the batched).
         # autocast_adapter_dtype=False keeps adapters in the model's dtype (bf16 on a GPU).
         if self.loaded.peft is None:
             peft = PeftModel(
@@ -86,8 +94,12 @@ class LoraCache:
             )
             peft.eval()  # mixed-adapter batches are refused in training mode
             self.loaded.peft = peft
+            self._deactivate()
         else:
-            self.loaded.peft.add_adapter(adapter_id, config, autocast_adapter_dtype=False)
+            try:
+                self.loaded.peft.add_adapter(adapter_id, config, autocast_adapter_dtype=False)
+            finally:
+                self._deactivate()
             self.loaded.peft.eval()
         result: Any = set_peft_model_state_dict(self.loaded.peft, weights, adapter_name=adapter_id)
         missing = [key for key in result.missing_keys if f".{adapter_id}." in key]
@@ -98,8 +110,22 @@ class LoraCache:
                 f"(e.g. {(missing + list(result.unexpected_keys))[0]})"
             )
 
+    def _deactivate(self) -> None:
+        """Leave PEFT's layers with no active adapter: PEFT activates one whenever adapters
+        come or go, and an active adapter would apply to every row of a plain call of the
+        model (the batched forward's). Rows name their adapters on PEFT's own path. PEFT's
+        own record still names a registered adapter as active, as its forward expects."""
+        peft = self.loaded.peft
+        assert peft is not None
+        if peft.peft_config:
+            peft.set_adapter(next(iter(peft.peft_config)), inference_mode=True)
+        for module in peft.modules():
+            if isinstance(module, LoraLayer):
+                module.set_adapter([], inference_mode=True)
+
     def _forget(self, adapter_id: str) -> None:
         """Drop an adapter that failed to load, or mark it for later if it is the only one."""
+        self.slots.release(adapter_id)
         peft = self.loaded.peft
         if peft is None or adapter_id not in peft.peft_config:
             self._broken.discard(adapter_id)
@@ -115,6 +141,8 @@ class LoraCache:
         with warnings.catch_warnings():  # "the active adapter was deleted": none is used
             warnings.simplefilter("ignore", UserWarning)
             self.loaded.peft.delete_adapter(adapter_id)
+        self.slots.release(adapter_id)
+        self._deactivate()
 
     def _evict(self, keep: set[str]) -> None:
         for adapter_id in list(self._resident):

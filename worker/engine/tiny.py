@@ -4,6 +4,7 @@ import json
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,29 @@ def make_tiny_model(directory: Path, seed: int = 0, **config_overrides: Any) -> 
     """Write a Hugging Face model folder that `from_pretrained` loads; returns the folder.
 
     `config_overrides` change the shape (the benchmarks use a wider one). The folder appears
-    whole or not at all: callers take any folder with a `config.json` as a finished model, so
-    a build that dies midway must not leave one behind. It is built beside the target, in the
-    same parent so that the final rename is atomic, and a complete folder already there is
+    whole or not at all (`build_atomically`)."""
+
+    def build(staging: Path) -> None:
+        random_tiny_model(seed, **config_overrides).save_pretrained(
+            staging, safe_serialization=True
+        )
+        save_tokenizer(staging)
+
+    return build_atomically(directory, build)
+
+
+def build_atomically(
+    directory: Path,
+    build: Callable[[Path], None],
+    complete: Callable[[Path], bool] = is_complete,
+) -> Path:
+    """Run `build` on an empty staging folder and move the result to `directory`.
+
+    Callers take any folder with a `config.json` as a finished model, so a build that dies
+    midway must not leave one behind. The staging folder sits beside the target, in the
+    same parent so that the final rename is atomic, and a folder that `complete` accepts is
     kept as it is."""
-    if is_complete(directory):
+    if complete(directory):
         return directory
     if directory.exists() and any(directory.iterdir()):
         # Never written by this function (its folders appear complete): not ours to delete.
@@ -67,19 +86,20 @@ def make_tiny_model(directory: Path, seed: int = 0, **config_overrides: Any) -> 
     staging = directory.parent / f".{directory.name}.building-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        _build(staging, seed, config_overrides)
+        build(staging)
         try:
             # Replaces an empty folder; fails if another build finished first.
             staging.rename(directory)
         except OSError:
-            if not is_complete(directory):
+            if not complete(directory):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
-def _build(directory: Path, seed: int, config_overrides: dict[str, Any]) -> None:
+def random_tiny_model(seed: int = 0, **config_overrides: Any) -> MistralForCausalLM:
+    """The tiny Mistral with seeded random weights, in float32."""
     torch.manual_seed(seed)
     config = MistralConfig(**{**TINY_CONFIG, **config_overrides})
     model = MistralForCausalLM(config)
@@ -89,8 +109,7 @@ def _build(directory: Path, seed: int, config_overrides: dict[str, Any]) -> None
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.3)
-    model.save_pretrained(directory, safe_serialization=True)
-    save_tokenizer(directory)
+    return model
 
 
 def save_tokenizer(directory: Path) -> None:
