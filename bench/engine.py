@@ -9,6 +9,11 @@ and starts the next batch when the last row of this one ends. `generate` takes b
 same size in arrival order and runs each until its longest row is done. Useful tokens are
 what each job asked for: up to its max_tokens or EOS.
 
+It also counts the decode steps of the refilled and static runs and their mean rows per step.
+On the CPU a step's cost grows with its rows, so rows leaving a static batch save most of
+what their empty slots would cost; on a GPU a step costs nearly the same at any number of
+rows, so the ratio of steps is what refill gains there.
+
     python bench/engine.py [--jobs 256]
 """
 
@@ -16,6 +21,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +41,20 @@ from bench.workload import (  # noqa: E402
 from jobs.registry import resolve_model  # noqa: E402
 from jobs.settings import Settings  # noqa: E402
 from worker.engine.loader import LoadedModel, load_model  # noqa: E402
+
+
+@dataclass
+class StepCount:
+    steps: int = 0
+    rows: int = 0
+
+    def __call__(self, rows: int, seconds: float) -> None:
+        self.steps += 1
+        self.rows += rows
+
+    @property
+    def mean_rows(self) -> float:
+        return self.rows / max(self.steps, 1)
 
 
 @torch.inference_mode()
@@ -76,8 +96,11 @@ def main() -> None:
         jobs = make_workload(args.jobs)
         print(f"{len(jobs)} jobs, batch size {BATCH_SIZE}, torch threads {torch.get_num_threads()}")
 
-        refill_rate = timed_run("refilled", lambda: run_engine_refilled(loaded, jobs, settings))
-        engine_rate = timed_run("static  ", lambda: run_engine(loaded, jobs, settings))
+        refilled, static = StepCount(), StepCount()
+        refill_rate = timed_run(
+            "refilled", lambda: run_engine_refilled(loaded, jobs, settings, refilled)
+        )
+        engine_rate = timed_run("static  ", lambda: run_engine(loaded, jobs, settings, static))
         naive_rate = timed_run(
             "generate", lambda: run_naive_generate(loaded, jobs, loaded.tokenizer.eos_id)
         )
@@ -85,6 +108,11 @@ def main() -> None:
     refill_ratio = refill_rate / engine_rate
     print(f"engine (refilled) / generate: {ratio:.2f}x")
     print(f"refilled / static: {refill_ratio:.2f}x")
+    steps_ratio = static.steps / max(refilled.steps, 1)
+    print(
+        f"decode steps: refilled {refilled.steps} ({refilled.mean_rows:.1f} rows each), "
+        f"static {static.steps} ({static.mean_rows:.1f} rows each): {steps_ratio:.2f}x fewer"
+    )
     print(
         json.dumps(
             {
@@ -94,6 +122,11 @@ def main() -> None:
                 "generate_tokens_per_s": round(naive_rate, 1),
                 "ratio": round(ratio, 2),
                 "refill_ratio": round(refill_ratio, 2),
+                "refilled_steps": refilled.steps,
+                "static_steps": static.steps,
+                "refilled_rows_per_step": round(refilled.mean_rows, 1),
+                "static_rows_per_step": round(static.mean_rows, 1),
+                "steps_ratio": round(steps_ratio, 2),
             }
         )
     )

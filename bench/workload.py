@@ -9,7 +9,7 @@ from pathlib import Path
 from jobs.sampling import SamplingParams
 from jobs.settings import Settings
 from worker.engine.batching import plan_groups, select_batch
-from worker.engine.decode import Generation, NewRow, decode_rows, generate
+from worker.engine.decode import Generation, NewRow, OnStep, decode_rows, generate
 from worker.engine.loader import LoadedModel
 from worker.engine.tiny import make_tiny_model
 
@@ -58,7 +58,9 @@ def bench_model(root: Path) -> Path:
     return directory
 
 
-def run_engine(loaded: LoadedModel, jobs: list[BenchJob], settings: Settings) -> int:
+def run_engine(
+    loaded: LoadedModel, jobs: list[BenchJob], settings: Settings, on_step: OnStep | None = None
+) -> int:
     """Useful tokens of the jobs run as a worker runs them: batches chosen from a window of the
     oldest, split by prompt length."""
     queue = list(jobs)
@@ -76,13 +78,18 @@ def run_engine(loaded: LoadedModel, jobs: list[BenchJob], settings: Settings) ->
         queue = [job for job in queue if id(job) not in chosen]
         for group in plan_groups(batch, lambda job: len(job.prompt), settings.max_padding):
             generations = generate(
-                loaded, [job.prompt for job in group], [job.params for job in group]
+                loaded,
+                [job.prompt for job in group],
+                [job.params for job in group],
+                on_step=on_step,
             )
             useful += sum(len(g.token_ids) for g in generations)
     return useful
 
 
-def run_engine_refilled(loaded: LoadedModel, jobs: list[BenchJob], settings: Settings) -> int:
+def run_engine_refilled(
+    loaded: LoadedModel, jobs: list[BenchJob], settings: Settings, on_step: OnStep | None = None
+) -> int:
     """Useful tokens of the jobs run as a refilling worker runs them: one batch of
     max_batch_size slots, each slot taking the oldest waiting job as soon as its row ends."""
     useful = 0
@@ -92,7 +99,7 @@ def run_engine_refilled(loaded: LoadedModel, jobs: list[BenchJob], settings: Set
         useful += len(generation.token_ids)
 
     rows = [NewRow(index, job.prompt, job.params) for index, job in enumerate(jobs)]
-    decode_rows(loaded, rows, finished, slots=settings.max_batch_size)
+    decode_rows(loaded, rows, finished, slots=settings.max_batch_size, on_step=on_step)
     return useful
 
 

@@ -122,17 +122,22 @@ def is_complete_awq(directory: Path) -> bool:
     return is_complete(directory) and is_complete(directory / DEQUANTIZED)
 
 
-def make_tiny_awq_model(directory: Path, seed: int = 0, group_size: int = TINY_GROUP_SIZE) -> Path:
-    """Write the tiny Mistral as an AWQ checkpoint that `from_pretrained` loads, and its
-    dequantized float16 twin in `directory / "dequantized"`; returns `directory`."""
+def make_tiny_awq_model(
+    directory: Path, seed: int = 0, group_size: int = TINY_GROUP_SIZE, **config_overrides: Any
+) -> Path:
+    """Write the tiny Mistral (or another shape, by `config_overrides`) as an AWQ checkpoint
+    that `from_pretrained` loads, and its dequantized float16 twin in
+    `directory / "dequantized"`; returns `directory`."""
     return build_atomically(
-        directory, lambda staging: _build(staging, seed, group_size), is_complete_awq
+        directory,
+        lambda staging: _build(staging, seed, group_size, config_overrides),
+        is_complete_awq,
     )
 
 
 @torch.no_grad()
-def _build(directory: Path, seed: int, group_size: int) -> None:
-    model = random_tiny_model(seed)
+def _build(directory: Path, seed: int, group_size: int, config_overrides: dict[str, Any]) -> None:
+    model = random_tiny_model(seed, **config_overrides)
     quantized: dict[str, AwqWeight] = {}
     # The decoder's linear layers only: the real checkpoint keeps lm_head (and the
     # embeddings and norms) in float16, and transformers leaves lm_head unquantized.

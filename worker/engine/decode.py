@@ -66,6 +66,8 @@ Refill = Callable[[int], Sequence[NewRow]]
 OnFinish = Callable[[Hashable, Generation], None]
 # The keys of rows whose results are no longer wanted: they leave at the next step.
 Dropped = Callable[[], Collection[Hashable]]
+# Told of each decode step: the rows it decoded and its seconds (for metrics and benchmarks).
+OnStep = Callable[[int, float], None]
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
@@ -197,10 +199,16 @@ class _Batch:
     """The rows in the slots, and what the device holds for them."""
 
     def __init__(
-        self, loaded: LoadedModel, slots: int, on_finish: OnFinish, compiled: bool = False
+        self,
+        loaded: LoadedModel,
+        slots: int,
+        on_finish: OnFinish,
+        compiled: bool = False,
+        on_step: OnStep | None = None,
     ) -> None:
         self.loaded = loaded
         self.slots = slots
+        self.on_step = on_step
         # A compiled step always runs every slot over every column: one shape, one graph.
         self.step_forward = _compiled_step(loaded.device) if compiled else _model_step
         self.on_finish = on_finish
@@ -428,9 +436,11 @@ class _Batch:
         token_list = tokens.tolist()  # the step's one read-back
         for row, token in zip(self.rows, token_list, strict=True):
             row.accept(token, self.eos_id, self.decode)
-        share = (time.perf_counter() - started) / rows
+        elapsed = time.perf_counter() - started
         for row in self.rows:
-            row.seconds += share
+            row.seconds += elapsed / rows
+        if self.on_step is not None:
+            self.on_step(rows, elapsed)
 
 
 @torch.inference_mode()
@@ -443,6 +453,7 @@ def decode_rows(
     refill: Refill | None = None,
     dropped: Dropped | None = None,
     compile: bool = False,
+    on_step: OnStep | None = None,
 ) -> None:
     """Decode rows, each with its own sampling parameters and LoRA adapter (None: the base
     model), `slots` at a time (all of them by default); `on_finish` gets each row's result as
@@ -451,13 +462,13 @@ def decode_rows(
     Rows beyond the slots wait their turn; once none wait, `refill` is asked for more whenever
     slots are free (always with every slot free before the batch ends). Rows that `dropped`
     names stop where they are, with the finish reason CANCELLED. With `compile`, the decode
-    step runs under torch.compile (`MBATCH_COMPILE`)."""
+    step runs under torch.compile (`MBATCH_COMPILE`); `on_step` is told of every step."""
     slots = slots if slots is not None else len(rows)
     if slots < 1:
         if rows:
             raise ValueError("a batch with rows needs at least one slot")
         return
-    batch = _Batch(loaded, slots, on_finish, compiled=compile)
+    batch = _Batch(loaded, slots, on_finish, compiled=compile, on_step=on_step)
     waiting = deque(rows)
     while True:
         if not waiting and refill is not None and batch.free:
@@ -480,17 +491,20 @@ def generate(
     adapters: Sequence[str | None] | None = None,
     dropped: Callable[[], Collection[int]] | None = None,
     compile: bool = False,
+    on_step: OnStep | None = None,
 ) -> list[Generation]:
     """Decode every prompt with its own sampling parameters and adapter, in one batch; the
     results in the order of the prompts. Rows that `dropped` names (by index) stop where they
-    are, with the finish reason CANCELLED. `compile`: as `decode_rows`."""
+    are, with the finish reason CANCELLED. `compile`, `on_step`: as `decode_rows`."""
     names = adapters if adapters is not None else [None] * len(prompts)
     rows = [
         NewRow(index, prompt, p, adapter)
         for index, (prompt, p, adapter) in enumerate(zip(prompts, params, names, strict=True))
     ]
     results: dict[Hashable, Generation] = {}
-    decode_rows(loaded, rows, results.__setitem__, dropped=dropped, compile=compile)
+    decode_rows(
+        loaded, rows, results.__setitem__, dropped=dropped, compile=compile, on_step=on_step
+    )
     return [results[index] for index in range(len(rows))]
 
 

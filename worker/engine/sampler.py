@@ -298,23 +298,29 @@ def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     scatter_add_ adds in no fixed order, so a row exactly at that boundary may round either
     way; `torch.use_deterministic_algorithms` fixes the order.)
     """
-    bits = probs.view(torch.int32)
+    bits = probs.view(torch.int32)  # a probability is at most 1: far from int32's limits
     # Above 0, so that no digit above the best token's qualifies: top_p 0 keeps the best.
     target = (top_p * probs.sum(dim=-1)).clamp(min=torch.finfo(probs.dtype).tiny).unsqueeze(1)
     found = torch.zeros_like(bits[:, :1])  # the threshold's digits so far
-    above = torch.zeros_like(target)  # the mass of the tokens already above the threshold
     for shift, width in _DIGITS:
-        high = shift + width
-        digit = ((bits >> shift) & ((1 << width) - 1)).long()  # scatter_add_ wants int64
-        # Only the tokens whose higher digits equal the threshold's found so far count.
-        counted = probs if high >= 32 else probs.masked_fill((bits >> high) != (found >> high), 0)
-        mass = torch.zeros((probs.shape[0], 1 << width), dtype=probs.dtype, device=probs.device)
-        mass.scatter_add_(1, digit, counted)
-        # at_least[d]: the mass at or above a threshold with this digit d.
-        at_least = above + mass.flip(-1).cumsum(-1).flip(-1)
+        # One histogram bin per digit, with a bin below them for the tokens under the digits
+        # found so far and one above for those over them: (bits - found) >> shift is the
+        # digit where the higher digits match, negative below and too large above. The
+        # outer bins replace a masked copy of the probabilities; the one above holds the mass
+        # already kept.
+        bins = (bits - (found - (1 << shift))) >> shift
+        bins = bins.clamp_(0, (1 << width) + 1).long()  # scatter_add_ wants int64
+        mass = torch.zeros(
+            (probs.shape[0], (1 << width) + 2), dtype=probs.dtype, device=probs.device
+        )
+        mass.scatter_add_(1, bins, probs)
+        # at_least[d]: the mass at or above a threshold with this digit d. The mass above is
+        # added last: a running sum that started from it would round every small digit's mass
+        # at its scale.
+        digits = mass[:, 1:-1]
+        at_least = mass[:, -1:] + digits.flip(-1).cumsum(-1).flip(-1)
         # The largest digit whose mass still reaches the target (at least digit 0).
         chosen = ((at_least >= target).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
-        above = at_least.gather(1, chosen) - mass.gather(1, chosen)  # digits above chosen
         found = found | (chosen.to(torch.int32) << shift)
     cut = (bits < found) & (top_p < 1).unsqueeze(1)
     return probs.masked_fill(cut, 0)
@@ -341,9 +347,10 @@ def sample(
     # The first token whose cdf passes the target: as the uniform is below 1, one whose
     # probability is above 0.
     sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    # Never land on a token the filters cut, even where rounding leaves the cdf flat.
+    # Never land on a token the filters cut, even where rounding leaves the cdf flat: the
+    # best token instead, which no filter cuts (it is the greedy one, already at hand).
     sampled = sampled.clamp(max=probs.shape[-1] - 1)
     sampled = torch.where(
-        probs.gather(1, sampled.unsqueeze(1)).squeeze(1) > 0, sampled, probs.argmax(dim=-1)
+        probs.gather(1, sampled.unsqueeze(1)).squeeze(1) > 0, sampled, greedy_tokens
     )
     return torch.where(tensors.greedy, greedy_tokens, sampled)
