@@ -133,6 +133,9 @@ class Job(Base):
     compute_seconds: Mapped[float | None] = mapped_column(Float)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # Where the request asked for them: each generated token's log-probability and its best
+    # alternatives, as OpenAI's chat `logprobs.content` entries (`jobs.tokenizer.TokenLogprob`).
+    logprobs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class LoraAdapter(Base):

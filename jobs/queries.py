@@ -20,6 +20,7 @@ from jobs.errors import NotFound
 from jobs.models import Batch, BatchStatus, Job, JobStatus
 from jobs.registry import MODELS
 from jobs.timeutil import utcnow
+from jobs.tokenizer import TokenLogprob
 from jobs.webhooks.events import Ending, emit, job_ended
 
 
@@ -232,6 +233,8 @@ class Outcome:
     cost_input: Decimal
     cost_output: Decimal
     compute_seconds: float
+    # Each token's logprobs, where the request asked for them.
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _held(claim: Claim) -> tuple[ColumnElement[bool], ...]:
@@ -291,6 +294,7 @@ def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
             "cost_input": outcome.cost_input,
             "cost_output": outcome.cost_output,
             "compute_seconds": outcome.compute_seconds,
+            "logprobs": outcome.logprobs,
         },
         outcome,
     )

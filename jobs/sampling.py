@@ -15,6 +15,8 @@ from jobs.registry import ModelSpec
 
 MAX_STOP_STRINGS = 4
 GREEDY_BELOW = 1e-5
+# OpenAI's limit on the alternatives shown per token (chat's `top_logprobs`).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # The model's own log-probability of each generated token, and of its `top_logprobs`
+    # best alternatives: reported, never used to sample.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -47,6 +53,13 @@ class SamplingParams:
             raise InvalidParameter("stop", list(self.stop), "at most 4 stop strings")
         if any(not s for s in self.stop):
             raise InvalidParameter("stop", list(self.stop), "stop strings must not be empty")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidParameter(
+                "top_logprobs", self.top_logprobs, f"must be between 0 and {MAX_TOP_LOGPROBS}"
+            )
+        if self.top_logprobs and not self.logprobs:
+            # As OpenAI: alternatives are only shown beside the chosen tokens' own values.
+            raise InvalidParameter("top_logprobs", self.top_logprobs, "needs logprobs: true")
 
     @classmethod
     def resolve(cls, spec: ModelSpec, **values: Any) -> "SamplingParams":

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TypedDict
 
 import sentencepiece
 
@@ -23,6 +24,23 @@ _ALLOWED_NEXT = {
     "assistant": {"user", "assistant"},
 }
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"
+# SentencePiece's word-boundary mark, a space in the text.
+WORD_MARK = "\u2581"
+
+
+class TopLogprob(TypedDict):
+    """A token and its log-probability, as OpenAI's chat `logprobs` show one."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token, with its best alternatives (best first): one entry of OpenAI's
+    `choices[0].logprobs.content`, and how a job's logprobs are stored."""
+
+    top_logprobs: list[TopLogprob]
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,20 @@ class MistralTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._sp.decode(list(ids)))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token adds to the text, as OpenAI reports them: a byte-fallback token
+        (`<0xE2>`) is its one byte, a piece is its text with the word mark as a space, and
+        a control token (`</s>`) is its own name."""
+        if self._sp.is_byte(token_id):
+            return bytes([int(self._sp.id_to_piece(token_id)[3:-1], 16)])
+        return str(self._sp.id_to_piece(token_id)).replace(WORD_MARK, " ").encode()
+
+    def token_logprob(self, token_id: int, logprob: float) -> TopLogprob:
+        """One token's entry; its text is its bytes decoded alone, so a byte of a character
+        cut across tokens reads as U+FFFD, as OpenAI's do."""
+        data = self.token_bytes(token_id)
+        return {"token": data.decode(errors="replace"), "logprob": logprob, "bytes": list(data)}
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """`<s>[INST] user [/INST] answer</s>[INST] ...`, as mistral-common's v1 format."""

@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="send a JSONL batch file to a running API")
     submit.add_argument("file", type=Path)
-    submit.add_argument("--wait", action="store_true", help="follow it and download its files")
+    submit.add_argument(
+        "--wait", action="store_true", help="follow it, writing its lines as they finish"
+    )
     submit.add_argument("--endpoint", default=None, help="default: the first line's url")
     submit.add_argument(
         "--api-url", default=os.environ.get("MBATCH_API_URL", "http://127.0.0.1:8000")

@@ -115,4 +115,5 @@ class Results:
             cost_input=cost.input,
             cost_output=cost.output,
             compute_seconds=generation.compute_seconds,
+            logprobs=generation.logprobs,
         )

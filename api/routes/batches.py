@@ -1,8 +1,9 @@
 """Batches: the lines of an input file run as jobs (the OpenAI Batch API)."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Query, Response
+from fastapi.responses import StreamingResponse
 
 from api.deps import (
     IdempotencyKeyDep,
@@ -17,6 +18,21 @@ from jobs import batches, files
 from jobs.schemas.batches import BatchCreate, BatchEstimate, BatchList, BatchPublic
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+JSONL = "application/jsonl"
+# The output's document: JSONL, not JSON, and the cursor header that comes with it.
+OUTPUT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The finished lines, one JSON object per line.",
+        "content": {JSONL: {"schema": {"type": "string"}}},
+        "headers": {
+            batches.RESUME_HEADER: {
+                "description": "Pass as `after` next time: every line up to it has finished.",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        },
+    }
+}
 
 
 @router.post("", response_model=BatchPublic | BatchEstimate)
@@ -66,6 +82,29 @@ def list_batches(
 def get_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> BatchPublic:
     """A batch's status, request counts, usage and files."""
     return BatchPublic.of(batches.get_batch(session, owner, batch_id))
+
+
+@router.get("/{batch_id}/output", response_class=StreamingResponse, responses=OUTPUT_RESPONSES)
+def get_batch_output(
+    batch_id: str,
+    session: SessionDep,
+    scope: ScopeDep,
+    owner: OwnerDep,
+    storage: StorageDep,
+    after: Annotated[int, Query(ge=0, le=batches.MAX_LINE)] = 0,
+    limit: Annotated[int | None, Query(ge=1, le=batches.MAX_LINE)] = None,
+) -> StreamingResponse:
+    """The lines finished so far past line `after`, as JSONL, in any state of the batch.
+
+    Lines finish out of order: pass the `x-mbatch-resume-after` header back as `after` to miss
+    none, and drop the lines past it that come again by their `id`."""
+    batch = batches.get_batch(session, owner, batch_id)
+    finished = batches.finished_lines(scope, storage, batch, after, limit)
+    return StreamingResponse(
+        finished.chunks,
+        media_type=JSONL,
+        headers={batches.RESUME_HEADER: str(finished.resume_after)},
+    )
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchPublic)

@@ -171,23 +171,52 @@ def _jobs_of(session: Session, batch_id: str, *condition: Any) -> Iterator[Job]:
     yield from session.scalars(query)
 
 
+def succeeded_line(job: Job, storage: Storage, endpoint: str) -> dict[str, Any]:
+    """A succeeded line's output line; where its stored result is gone or unreadable, the
+    error line it becomes (an outage still raises: the caller waits it out)."""
+    try:
+        text = response_text(job, storage) or ""
+    except KeyError:
+        message = "the result was recorded but its stored copy is gone"
+        line = job.line or 0
+        return error_line(job.id, job.custom_id, line, RESULT_UNAVAILABLE, message)
+    return output_line(job, text, endpoint)
+
+
+def ended_line(job: Job) -> dict[str, Any]:
+    """The error line of a line that ended without succeeding: failed, cancelled or expired."""
+    return error_line(
+        job.id,
+        job.custom_id,
+        job.line or 0,
+        job.error_code or "failed",
+        job.error_message or "the request failed",
+    )
+
+
+def refused_line(batch_id: str, refused: LineError) -> dict[str, Any]:
+    """The error line of a line refused at validation, which never became a job."""
+    return error_line(
+        line_job_id(batch_id, refused.line),
+        refused.custom_id,
+        refused.line,
+        refused.code,
+        refused.message,
+        refused.param,
+    )
+
+
 def _output_lines(
     session: Session, storage: Storage, batch: Batch, lost: list[tuple[int, dict[str, Any]]]
 ) -> Iterator[dict[str, Any]]:
     """The output file's lines; a line whose stored result is gone or unreadable is added to
-    `lost`, as the error line it becomes, rather than failing the whole file (an outage still
-    raises: the step waits it out)."""
+    `lost`, as the error line it becomes, rather than failing the whole file."""
     for job in _jobs_of(session, batch.id, Job.status == JobStatus.succeeded):
-        try:
-            text = response_text(job, storage) or ""
-        except KeyError:
-            message = "the result was recorded but its stored copy is gone"
-            line = job.line or 0
-            lost.append(
-                (line, error_line(job.id, job.custom_id, line, RESULT_UNAVAILABLE, message))
-            )
+        line = succeeded_line(job, storage, batch.endpoint)
+        if line["error"] is not None:
+            lost.append((job.line or 0, line))
             continue
-        yield output_line(job, text, batch.endpoint)
+        yield line
 
 
 def _error_lines(
@@ -196,27 +225,13 @@ def _error_lines(
     """The error file's lines, in line order: refused lines, lines that did not succeed,
     and lines whose result was lost (read after the output file was written)."""
     refused = (
-        (
-            e.line,
-            error_line(
-                line_job_id(batch.id, e.line), e.custom_id, e.line, e.code, e.message, e.param
-            ),
-        )
+        (e.line, refused_line(batch.id, e))
         for e in session.scalars(
             select(LineError).where(LineError.batch_id == batch.id).order_by(LineError.line)
         )
     )
     ended = (
-        (
-            job.line or 0,
-            error_line(
-                job.id,
-                job.custom_id,
-                job.line or 0,
-                job.error_code or "failed",
-                job.error_message or "the request failed",
-            ),
-        )
+        (job.line or 0, ended_line(job))
         for job in _jobs_of(session, batch.id, Job.status != JobStatus.succeeded)
     )
     by_line = heapq.merge(refused, ended, lost, key=lambda pair: pair[0])

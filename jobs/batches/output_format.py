@@ -16,6 +16,38 @@ def _request_id(job_id: str) -> str:
     return "batch_req_" + job_id.removeprefix("job_")
 
 
+def chat_logprobs(job: Job) -> dict[str, Any] | None:
+    """A chat choice's `logprobs`: the stored entries are OpenAI's `content` already."""
+    return None if job.logprobs is None else {"content": job.logprobs}
+
+
+def completion_logprobs(job: Job) -> dict[str, Any] | None:
+    """A completion choice's legacy `logprobs`, from the stored chat entries. As OpenAI's:
+    each token's `top_logprobs` holds the best tokens asked for and the chosen one (so up to
+    one more), and `text_offset` counts characters from the start of the prompt, which the
+    completion continues."""
+    if job.logprobs is None:
+        return None
+    tokens = [entry["token"] for entry in job.logprobs]
+    offsets, offset = [], len(job.input.get("prompt", ""))
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    top = []
+    for entry in job.logprobs:
+        best = {
+            alternative["token"]: alternative["logprob"] for alternative in entry["top_logprobs"]
+        }
+        best.setdefault(entry["token"], entry["logprob"])
+        top.append(best)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [entry["logprob"] for entry in job.logprobs],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
 def response_body(job: Job, text: str, endpoint: str) -> dict[str, Any]:
     """A `chat.completion` or `text_completion` object, with `usage.estimated_cost`."""
     completion = job.completion_tokens or 0
@@ -44,7 +76,7 @@ def response_body(job: Job, text: str, endpoint: str) -> dict[str, Any]:
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
                     "finish_reason": finish,
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(job),
                 }
             ],
         }
@@ -52,7 +84,14 @@ def response_body(job: Job, text: str, endpoint: str) -> dict[str, Any]:
         "id": f"cmpl-{suffix}",
         "object": "text_completion",
         **common,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "finish_reason": finish,
+                "logprobs": completion_logprobs(job),
+            }
+        ],
     }
 
 

@@ -2,15 +2,33 @@
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from jobs.models import Job, JobStatus
 from jobs.storage import Storage
 from jobs.timeutil import aware
 
 
+class TopLogprobPublic(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobPublic(TopLogprobPublic):
+    top_logprobs: list[TopLogprobPublic]
+
+
+class LogprobsPublic(BaseModel):
+    """OpenAI's chat `logprobs`: each generated token, with its best alternatives."""
+
+    content: list[TokenLogprobPublic]
+
+
 class JobResult(BaseModel):
     response: str
+    # Only where the job asked for them: a result is otherwise exactly Workers AI's.
+    logprobs: LogprobsPublic | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class Usage(BaseModel):
@@ -111,11 +129,19 @@ def job_public(job: Job, storage: Storage) -> JobPublic:
         started_at=aware(job.started_at),
         finished_at=aware(job.finished_at),
         attempts=job.attempts,
-        result=JobResult(response=text) if text is not None else None,
+        result=job_result(job, text) if text is not None else None,
         usage=usage,
         cost=cost,
         finish_reason=job.finish_reason,
         compute_seconds=job.compute_seconds,
         error=error,
         metadata=job.metadata_,
+    )
+
+
+def job_result(job: Job, text: str) -> JobResult:
+    if job.logprobs is None:
+        return JobResult(response=text)
+    return JobResult(
+        response=text, logprobs=LogprobsPublic.model_validate({"content": job.logprobs})
     )

@@ -7,7 +7,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
-from jobs.sampling import MAX_STOP_STRINGS, SAMPLING_FIELDS, SamplingParams
+from jobs.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SAMPLING_FIELDS, SamplingParams
 from jobs.schemas.base import RequestModel
 from jobs.tokenizer import ChatMessage
 
@@ -51,6 +51,9 @@ class JobCreate(RequestModel):
     model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    # As OpenAI's chat: each token's log-probability, and its best alternatives.
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     callback_url: Annotated[str, Field(max_length=2048)] | None = None
     metadata: Annotated[dict[str, str], Field(max_length=MAX_METADATA_PAIRS)] | None = None
     # ISO 8601 text is how JSON carries a time: read it as one.

@@ -10,13 +10,15 @@ from pydantic import ConfigDict, Field, model_validator
 
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
-from jobs.sampling import MAX_STOP_STRINGS, SAMPLING_FIELDS, SamplingParams
+from jobs.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SAMPLING_FIELDS, SamplingParams
 from jobs.schemas.base import RequestModel
 from jobs.schemas.native import MAX_TEXT_CHARS
 from jobs.tokenizer import ChatMessage
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
+# OpenAI's limit on the legacy completions `logprobs` (the alternatives per token).
+MAX_COMPLETION_LOGPROBS = 5
 
 
 class TextPart(RequestModel):
@@ -62,15 +64,25 @@ class OpenAIBody(RequestModel):
     lora: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
     def to_sampling_params(self, spec: ModelSpec) -> SamplingParams:
-        values = {name: getattr(self, name) for name in SAMPLING_FIELDS}
+        # Each endpoint names its logprobs fields its own way (`logprob_settings`).
+        values = {name: getattr(self, name, None) for name in SAMPLING_FIELDS}
         # OpenAI's max_completion_tokens replaces max_tokens, which it still accepts.
         if self.max_completion_tokens is not None:
             values["max_tokens"] = self.max_completion_tokens
-        return SamplingParams.resolve(spec, **values)
+        return SamplingParams.resolve(spec, **{**values, **self.logprob_settings()})
+
+    def logprob_settings(self) -> dict[str, Any]:
+        """`logprobs` and `top_logprobs` as `SamplingParams` takes them."""
+        return {}
 
 
 class ChatCompletionBody(OpenAIBody):
     messages: Annotated[list[OpenAIMessage], Field(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def logprob_settings(self) -> dict[str, Any]:
+        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs}
 
     def input_record(self) -> dict[str, Any]:
         return {"messages": [{"role": m.role, "content": m.text()} for m in self.messages]}
@@ -83,6 +95,14 @@ class CompletionBody(OpenAIBody):
     """A completion prompt is text to continue: it is tokenized raw, with no chat template."""
 
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    # The legacy field: how many alternatives to show per token, and with them the chosen
+    # token's own log-probability (0: that alone).
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+
+    def logprob_settings(self) -> dict[str, Any]:
+        if self.logprobs is None:
+            return {}
+        return {"logprobs": True, "top_logprobs": self.logprobs}
 
     def input_record(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "raw": True}

@@ -33,6 +33,7 @@ ERRORS: dict[tuple[str, str], set[str]] = {
     ("post", "/v1/batches"): JSON_BODY | {"404", "410"},
     ("get", "/v1/batches"): KEYED | {"422"},
     ("get", "/v1/batches/{batch_id}"): WITH_ID,
+    ("get", "/v1/batches/{batch_id}/output"): WITH_ID,
     ("post", "/v1/batches/{batch_id}/cancel"): WITH_ID | {"409"},
     ("post", "/v1/batches/{batch_id}/retry"): WITH_ID | {"409", "410"},
     ("post", "/v1/schedules"): JSON_BODY | {"404"},

@@ -9,8 +9,15 @@ row moved into its slot, so a step's cost follows the rows that are still decodi
 A decode step reads back one tensor, the new tokens; EOS, stop strings and lengths are checked
 on the host from it, and nothing else in a step waits for the device. Rows joining or leaving
 cost a few host-device transfers more (their prefill's first tokens, the new layout).
+
+Rows that ask for logprobs get the model's own log-probabilities: a log_softmax of the raw
+logits, before penalties, temperature and filters, for those rows alone. A step keeps them on
+the device (one small tensor for the rows that ask, which each row points into), and a row's
+values are read back when it leaves, with those of the rows leaving beside it: a step whose
+rows do not ask does no more work, and no step waits for them.
 """
 
+import math
 import time
 import weakref
 from collections import deque
@@ -21,6 +28,7 @@ from typing import Any
 import torch
 
 from jobs.sampling import SamplingParams
+from jobs.tokenizer import MistralTokenizer, TokenLogprob
 from worker.engine.batching import plan_groups
 from worker.engine.kv_cache import SlotCache, attention_mask, decode_inputs, prefill_inputs
 from worker.engine.loader import LoadedModel
@@ -38,6 +46,10 @@ STEP_LABEL = "mbatch::decode_step"
 CACHE_COLUMNS = 64
 # Each model's cache, kept for its next batch (a worker runs one batch at a time).
 _CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, SlotCache]" = weakref.WeakKeyDictionary()
+# Token ids travel beside log-probabilities in float32 tensors: exact below 2**24.
+_EXACT_FLOAT_IDS = 2**24
+# What JSON shows for a log-probability of -inf (which it cannot carry), as OpenAI and vLLM.
+MIN_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class Generation:
     # Tokens generated, EOS included, as OpenAI and vLLM count them (and bill them).
     completion_tokens: int
     error: str | None = None  # why a FAILED row could not run; its batch mates ran on
+    # One entry per token of `token_ids`, for a row that asked for logprobs; None otherwise.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,9 @@ class _Row:
         self.cut_text: str | None = None
         self.error: str | None = None
         self.seconds = 0.0
+        # Where each token's log-probabilities are, for a row that asks for them: a step's
+        # record on the device (see `_logprob_record`) and this row's line in it.
+        self.logprob_steps: list[tuple[torch.Tensor, int]] = []
         # The longest stop string in UTF-8 bytes: every token adds at least one byte to the
         # text, so a stop string that ends in the newest token lies within that many tokens.
         self.stop_bytes = max((len(stop.encode()) for stop in self.params.stop), default=0)
@@ -119,7 +136,7 @@ class _Row:
     def fail(self, error: str) -> None:
         self.finish, self.error = FAILED, error
 
-    def result(self, decode: Decode) -> Generation:
+    def result(self, decode: Decode, logprobs: list[TokenLogprob] | None = None) -> Generation:
         text = self.cut_text if self.cut_text is not None else decode(self.tokens)
         return Generation(
             token_ids=self.tokens,
@@ -128,7 +145,102 @@ class _Row:
             compute_seconds=self.seconds,
             completion_tokens=len(self.tokens) + self.ended_by_eos,
             error=self.error,
+            logprobs=logprobs,
         )
+
+    @property
+    def reports_logprobs(self) -> bool:
+        """Whether its logprobs are read back: it asked, and its result is wanted."""
+        return self.params.logprobs and self.finish not in (CANCELLED, FAILED)
+
+    def logprob_slices(self) -> list[torch.Tensor]:
+        """This row's values on the device, a [1 + 2 * top_logprobs] view per kept token (an
+        EOS that ended the row is not one of its tokens)."""
+        width = 1 + 2 * self.params.top_logprobs
+        steps = self.logprob_steps[: len(self.tokens)]
+        return [record[line, :width] for record, line in steps]
+
+
+def _asking(rows: Sequence[_Row]) -> tuple[int, ...]:
+    """Which of these rows ask for logprobs."""
+    return tuple(index for index, row in enumerate(rows) if row.params.logprobs)
+
+
+def _logprob_record(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.Tensor:
+    """[rows, 1 + 2 * top] float32: the log-probability of each row's token, then its `top`
+    best tokens as (log-probability, id) pairs, best first. From the raw logits, as vLLM
+    reports them by default: what the model says, not what the sampler drew from."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1))
+    if not top:
+        return chosen
+    best = logprobs.topk(top, dim=-1)  # sorted, best first
+    pairs = torch.stack([best.values, best.indices.to(torch.float32)], dim=2).flatten(1)
+    return torch.cat([chosen, pairs], dim=1)
+
+
+def _capture_logprobs(
+    rows: Sequence[_Row],
+    asking: tuple[int, ...],
+    index: torch.Tensor | None,
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+) -> None:
+    """Keep the step's values of the rows that ask (`asking`, on the device as `index`; None
+    where every row asks), on the device, each row pointing at its line."""
+    if index is not None:
+        logits, tokens = logits[index], tokens[index]
+    record = _logprob_record(logits, tokens, max(rows[i].params.top_logprobs for i in asking))
+    for line, row_index in enumerate(asking):
+        rows[row_index].logprob_steps.append((record, line))
+
+
+def _read_logprobs(
+    rows: Sequence[_Row], tokenizer: MistralTokenizer
+) -> list[list[TokenLogprob] | None]:
+    """The logprobs of rows that are leaving, read back together: one transfer, made only
+    when one of them reports logprobs."""
+    slices = [row.logprob_slices() if row.reports_logprobs else [] for row in rows]
+    flat = [piece for pieces in slices for piece in pieces]
+    values: list[float] = torch.cat(flat).tolist() if flat else []
+    results: list[list[TokenLogprob] | None] = []
+    start = 0
+    for row, pieces in zip(rows, slices, strict=True):
+        if not row.reports_logprobs:
+            results.append(None)
+            continue
+        size = sum(len(piece) for piece in pieces)
+        results.append(_entries(tokenizer, row, values[start : start + size]))
+        start += size
+    return results
+
+
+def _shown(logprob: float) -> float:
+    """A value JSON (and Postgres) can hold: -inf, and NaN from a broken model, as the floor."""
+    return logprob if math.isfinite(logprob) and logprob > MIN_LOGPROB else MIN_LOGPROB
+
+
+def _entries(tokenizer: MistralTokenizer, row: _Row, values: list[float]) -> list[TokenLogprob]:
+    """A row's flat values (per token: its log-probability, then (log-probability, id) pairs)
+    as OpenAI's `logprobs.content` entries."""
+    width = 1 + 2 * row.params.top_logprobs
+    entries = []
+    for index, token in enumerate(row.tokens[: len(values) // width]):
+        step = values[index * width : (index + 1) * width]
+        chosen = tokenizer.token_logprob(token, _shown(step[0]))
+        top = [
+            tokenizer.token_logprob(int(step[pair + 1]), _shown(step[pair]))
+            for pair in range(1, width, 2)
+        ]
+        entries.append(
+            TokenLogprob(
+                token=chosen["token"],
+                logprob=chosen["logprob"],
+                bytes=chosen["bytes"],
+                top_logprobs=top,
+            )
+        )
+    return entries
 
 
 class _Sampling:
@@ -219,6 +331,7 @@ class _Batch:
         self.attention = config._attn_implementation
         self.context = loaded.spec.context_length
         self.eos_id = loaded.tokenizer.eos_id
+        self.tokenizer = loaded.tokenizer
         self.decode = loaded.tokenizer.decode
         self.cache: SlotCache | None = None
         # Slot i: its row, the first column of the row's own (after its left padding) and the
@@ -231,6 +344,10 @@ class _Batch:
         self.next_t = torch.zeros(0, dtype=torch.long, device=self.device)
         self.next_ids = torch.zeros(0, dtype=torch.long, device=self.device)
         self.sampling: _Sampling | None = None
+        # The slots whose rows ask for logprobs, and the same on the device (None where every
+        # row asks): set with the layout, so that a step of rows that do not ask pays nothing.
+        self.asking: tuple[int, ...] = ()
+        self.asking_index: torch.Tensor | None = None
         # Rows that finished before they had a slot (setup failed, or no room for a token).
         self.unseated: list[_Row] = []
 
@@ -268,6 +385,11 @@ class _Batch:
             if min(row.prompt) < 0 or max(row.prompt) >= self.vocab:
                 raise ValueError(f"a prompt token is outside the vocabulary of {self.vocab}")
             _Sampling.check(row.params, self.vocab, self.device)
+            if row.params.logprobs and self.vocab > _EXACT_FLOAT_IDS:
+                raise ValueError(f"logprobs need a vocabulary below {_EXACT_FLOAT_IDS} tokens")
+            if row.params.logprobs and self.vocab > self.tokenizer.vocab_size:
+                # A top token the tokenizer cannot name would fail every row leaving with it.
+                raise ValueError("logprobs need a tokenizer that names every token of the model")
             if row.adapter != BASE:
                 row_indices(self.loaded, [row.adapter])  # raises unless it is loaded
         except torch.OutOfMemoryError:
@@ -302,6 +424,9 @@ class _Batch:
         )
         sampling = _Sampling.start(group, self.vocab, self.device, input_ids, real)
         tokens = sampling.sample(logits)
+        if asking := _asking(group):
+            asking_index = self._rows_index(asking, len(group))
+            _capture_logprobs(group, asking, asking_index, logits, tokens)
         joining = _Joining(group, slots, [width - n for n in lengths], width, sampling, tokens)
         for row, token in zip(group, tokens.tolist(), strict=True):
             row.accept(token, self.eos_id, self.decode)
@@ -368,21 +493,28 @@ class _Batch:
         idle = [0] * (self.cache.slots - final)
         self.first_t = torch.tensor(self.first + idle, device=self.device)
         self.next_t = torch.tensor(self.next + idle, device=self.device)
+        self.asking = _asking(self.rows)
+        self.asking_index = self._rows_index(self.asking, final) if self.asking else None
+
+    def _rows_index(self, asking: tuple[int, ...], rows: int) -> torch.Tensor | None:
+        """`asking` on the device, without waiting for it; None where it is every row."""
+        if len(asking) == rows:
+            return None
+        return torch.tensor(asking).to(self.device, non_blocking=True)
 
     # Rows leaving ------------------------------------------------------------------------
 
     def retire(self) -> None:
         """Report the rows that have finished; their slots are free from now on."""
-        for row in self.unseated:
-            self.on_finish(row.key, row.result(self.decode))
-        self.unseated = []
         done = [slot for slot, row in enumerate(self.rows) if row.finish is not None]
+        leaving = self.unseated + [self.rows[slot] for slot in done]
+        self.unseated = []
+        for row, logprobs in zip(leaving, _read_logprobs(leaving, self.tokenizer), strict=True):
+            self.on_finish(row.key, row.result(self.decode, logprobs))
         if not done:
             return
         assert self.cache is not None
         for slot in done:
-            row = self.rows[slot]
-            self.on_finish(row.key, row.result(self.decode))
             self.cache.release(slot, self.next[slot])  # it wrote the columns before `next`
         live = {slot for slot, row in enumerate(self.rows) if row.finish is None}
         if live:
@@ -390,6 +522,7 @@ class _Batch:
         else:
             self.rows, self.first, self.next, self.sampling = [], [], [], None
             self.next_ids = self.next_ids[:0]
+            self.asking, self.asking_index = (), None
 
     def settle(self, dropped: Dropped | None) -> None:
         """Stop the rows that `dropped` names, then let every finished row go."""
@@ -430,6 +563,8 @@ class _Batch:
             self.cache,
         )
         tokens = self.sampling.sample(logits[:rows])
+        if self.asking:
+            _capture_logprobs(self.rows, self.asking, self.asking_index, logits[:rows], tokens)
         self.next_ids = tokens
         self.next_t[:rows] += 1
         self.next = [column + 1 for column in self.next]
