@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -136,6 +138,35 @@ class Job(Base):
     # Where the request asked for them: each generated token's log-probability and its best
     # alternatives, as OpenAI's chat `logprobs.content` entries (`jobs.tokenizer.TokenLogprob`).
     logprobs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
+    # Where the request asked for the cache and is deterministic: its key in `result_cache`
+    # (`jobs.cache`), under which its answer is stored when it succeeds.
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    # Answered from the cache at submission: it never ran, and costs nothing.
+    cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class CacheEntry(Base):
+    """An answer kept for identical deterministic requests of the same owner (`jobs.cache`).
+    A large answer is not copied here: `response_uri` names the stored result of the job that
+    produced it, which is copied for each job answered from it."""
+
+    __tablename__ = "result_cache"
+    __table_args__ = (Index("ix_result_cache_expires_at", "expires_at"),)
+
+    # Looked up by (owner, key): an owner's cache is never another's.
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    # The job whose answer this is.
+    job_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    response_text: Mapped[str | None] = mapped_column(Text)
+    response_uri: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str] = mapped_column(String(16))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    logprobs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class LoraAdapter(Base):
@@ -224,6 +255,8 @@ class Batch(Base):
     # Failed lines of an earlier batch that this one runs again.
     retry_of: Mapped[str | None] = mapped_column(String(40))
     max_cost: Mapped[Decimal | None] = mapped_column(MONEY)
+    # Its deterministic lines are answered from, and stored in, the owner's result cache.
+    cache: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Batch-level errors (OpenAI's `errors`), e.g. why every line was refused.
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 

@@ -16,9 +16,11 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, String, case, cast, func, literal, select, update
 from sqlalchemy.orm import Session
 
+from jobs import cache
 from jobs.errors import NotFound
 from jobs.models import Batch, BatchStatus, Job, JobStatus
 from jobs.registry import MODELS
+from jobs.settings import CACHE_TTL_SECONDS
 from jobs.timeutil import utcnow
 from jobs.tokenizer import TokenLogprob
 from jobs.webhooks.events import Ending, emit, job_ended
@@ -247,11 +249,16 @@ def _held(claim: Claim) -> tuple[ColumnElement[bool], ...]:
 
 
 def _finish(
-    session: Session, claim: Claim, values: dict[str, Any], outcome: Outcome | None = None
+    session: Session,
+    claim: Claim,
+    values: dict[str, Any],
+    outcome: Outcome | None = None,
+    cache_ttl_seconds: float = CACHE_TTL_SECONDS,
 ) -> bool:
     """End a running job under its current claim, succeeded with `outcome` or as `values`
-    say, and count it on its batch in the same transaction; False where the claim is no
-    longer current (the job was cancelled, recorded already, or given to another worker)."""
+    say, and count it on its batch in the same transaction (and, for a job that asked for
+    the cache, store its answer there); False where the claim is no longer current (the job
+    was cancelled, recorded already, or given to another worker)."""
     batch_id = claim.job.batch_id
     lock_batches(session, [batch_id])
     result = session.execute(
@@ -273,15 +280,32 @@ def _finish(
             completion_tokens=outcome.completion_tokens,
             cost=outcome.cost_input + outcome.cost_output,
         )
+        cache.remember(
+            session,
+            claim.job,
+            response_text=outcome.response_text,
+            response_uri=outcome.response_uri,
+            finish_reason=outcome.finish_reason,
+            completion_tokens=outcome.completion_tokens,
+            logprobs=outcome.logprobs,
+            ttl_seconds=cache_ttl_seconds,
+        )
     elif ended:
         count_lines_ended(session, batch_id, failed=1)
     session.commit()
     return ended
 
 
-def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
+def record_success(
+    session: Session,
+    claim: Claim,
+    outcome: Outcome,
+    cache_ttl_seconds: float = CACHE_TTL_SECONDS,
+) -> bool:
     """Record a result once: only the current claim of a running job can; False otherwise.
-    Its own transaction, committed here, like every step of the job's state machine."""
+    A job that asked for the cache stores its answer there for `cache_ttl_seconds`, in the
+    same transaction. Its own transaction, committed here, like every step of the job's
+    state machine."""
     return _finish(
         session,
         claim,
@@ -297,6 +321,7 @@ def record_success(session: Session, claim: Claim, outcome: Outcome) -> bool:
             "logprobs": outcome.logprobs,
         },
         outcome,
+        cache_ttl_seconds,
     )
 
 

@@ -35,6 +35,9 @@ class SamplingParams:
     # best alternatives: reported, never used to sample.
     logprobs: bool = False
     top_logprobs: int = 0
+    # The JSON Schema the answer must follow, as canonical JSON text (`jobs.response_format`),
+    # enforced while decoding; None: free text.
+    response_format: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

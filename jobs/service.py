@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from jobs import queries
+from jobs import cache, queries
 from jobs.db import add_once
 from jobs.errors import Conflict, InvalidParameter
 from jobs.loras import adapter_for_job
@@ -20,9 +20,11 @@ from jobs.sampling import SamplingParams
 from jobs.schemas.base import SamplingRequest
 from jobs.schemas.native import JobCreate
 from jobs.settings import Settings
+from jobs.storage import Storage
 from jobs.timeutil import utcnow
 from jobs.tokenizer import encode_job_input, v1_tokenizer
 from jobs.webhooks.addresses import check_callback_url
+from jobs.webhooks.events import job_ended
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class PreparedJob:
     callback_url: str | None = None
     run_at: datetime | None = None
     idempotency_key: str | None = None
+    # Answer it from the owner's result cache where it is deterministic (`jobs.cache`).
+    cache: bool = False
 
 
 def job_id_for(owner: str, idempotency_key: str | None) -> str:
@@ -102,6 +106,7 @@ def prepare_native(body: JobCreate, settings: Settings) -> PreparedJob:
         callback_url=body.callback_url,
         run_at=body.run_at,
         idempotency_key=body.idempotency_key,
+        cache=body.cache,
     )
 
 
@@ -110,17 +115,36 @@ def prepare_openai(body: SamplingRequest, settings: Settings) -> PreparedJob:
     return _prepare(body, settings)
 
 
+def _cache_key(session: Session, prepared: PreparedJob, lora_id: str | None) -> str | None:
+    """The job's key in the result cache, where it asked for the cache and is deterministic."""
+    if not prepared.cache:
+        return None
+    row: dict[str, Any] = {
+        "model": prepared.spec.name,
+        "lora_id": lora_id,
+        "input": prepared.input,
+        "sampling": prepared.sampling.to_dict(),
+    }
+    cache.set_keys(session, [row])
+    return row["cache_key"]
+
+
 def submit_job(
     session: Session,
     queue: JobQueue,
     owner: str,
     prepared: PreparedJob,
     idempotency_key: str | None = None,
+    storage: Storage | None = None,
 ) -> tuple[Job, bool]:
     """Record and enqueue one job; returns the job and whether it is new.
 
     The row is committed before the message is published: a publish that fails leaves a
-    queued job that maintenance publishes again, never a message without a job.
+    queued job that maintenance publishes again, never a message without a job. A job that
+    asked for the cache and whose request has a live entry is recorded as succeeded with
+    the entry's answer instead, and never queued (a large answer is copied in `storage`;
+    without one, such an entry is missed). A job scheduled for later is not looked up: it
+    runs when it is due.
     """
     key = idempotency_key or prepared.idempotency_key
     if key is not None:
@@ -129,8 +153,13 @@ def submit_job(
             return existing, False
     lora_id = adapter_id_for(session, owner, prepared)
     scheduled = prepared.run_at is not None and prepared.run_at > utcnow()
+    cache_key = _cache_key(session, prepared, lora_id)
+    hit = None
+    if cache_key is not None and not scheduled:
+        hit = cache.find_hits(session, storage, owner, [cache_key]).get(cache_key)
+    job_id = job_id_for(owner, key)
     job = Job(
-        id=job_id_for(owner, key),
+        id=job_id,
         owner=owner,
         model=prepared.spec.name,
         lora=prepared.lora,
@@ -145,15 +174,23 @@ def submit_job(
         prompt_tokens=prepared.prompt_tokens,
         attempts=0,
         created_at=utcnow(),
+        cache_key=cache_key,
     )
+    if hit is not None:
+        for name, value in hit.job_values(job_id, utcnow()).items():
+            setattr(job, name, value)
     job, created = add_once(
         session, job, lambda: queries.find_by_idempotency_key(session, owner, key) if key else None
     )
+    if created and hit is not None:
+        # Ended as it was made: its copy of the answer and its webhook event commit with it.
+        hit.store_copy(storage, job.id)
+        job_ended(session, owner, job.id, JobStatus.succeeded.value, job.callback_url)
     if created:
         # The one place a function here commits the caller's unit of work: a message must
         # never name a row that a worker cannot see yet.
         session.commit()
-        if not scheduled:
+        if not scheduled and hit is None:
             publish(session, queue, [job])
     return job, created
 

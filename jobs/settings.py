@@ -13,6 +13,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MBATCH_"
+# How long an answer stays in the result cache unless `cache_ttl_seconds` says otherwise.
+CACHE_TTL_SECONDS = 7 * 24 * 3600.0
 
 # Counts and sizes where 0 would stop the work; amounts and times where a negative one means
 # nothing; times that must pass (a loop sleeping 0 s would spin).
@@ -82,6 +84,8 @@ class Settings(BaseSettings):
     # Finished jobs, and finished batches with their files, are deleted (their stored objects
     # with them) this many days after they ended, as OpenAI keeps batch files 30 days.
     retention_days: AtLeastOne = 30
+    # Answers kept for `"cache": true` requests stay this long, then are ignored and removed.
+    cache_ttl_seconds: PositiveSeconds = CACHE_TTL_SECONDS
     # A job whose result could not be recorded because storage or Postgres was down runs
     # again after this long (its attempts untouched), however long the outage lasts.
     outage_retry_seconds: Seconds = 10.0

@@ -219,6 +219,12 @@ class S3Storage:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
 
+def result_key(job_id: str) -> str:
+    """Where a job's result is kept when it is too large for its row (or holds a NUL): one
+    object per job, deleted with the job."""
+    return f"results/{job_id}.txt"
+
+
 def storage_from_settings(settings: Settings) -> Storage:
     """`s3://bucket/prefix` or `file://path` (relative paths are relative to the cwd)."""
     url = urlparse(settings.storage_url)

@@ -62,6 +62,11 @@ class MistralTokenizer:
         """Token ids of plain text: no BOS or EOS, and `<s>` in the text is just text."""
         return list(self._sp.encode(text))
 
+    def model_proto(self) -> bytes:
+        """The SentencePiece model itself, for libraries that build their own view of the
+        vocabulary from it (the grammar matcher's tokenizer)."""
+        return bytes(self._sp.serialized_model_proto())
+
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._sp.decode(list(ids)))
 

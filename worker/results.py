@@ -10,16 +10,12 @@ from jobs.pricing import price
 from jobs.queries import Claim, Outcome
 from jobs.registry import ModelSpec
 from jobs.service import publish
-from jobs.storage import Storage
+from jobs.storage import Storage, result_key
 from worker.claims import ClaimedRow
 from worker.engine.decode import CANCELLED, Generation
 from worker.services import Services
 
 log = logging.getLogger(__name__)
-
-
-def result_key(job_id: str) -> str:
-    return f"results/{job_id}.txt"
 
 
 def place_response(
@@ -54,7 +50,9 @@ class Results:
             return False
         try:
             with self.services.session_scope() as session:
-                if queries.record_success(session, row.claim, self._outcome(row, generation)):
+                outcome = self._outcome(row, generation)
+                ttl = self.services.settings.cache_ttl_seconds
+                if queries.record_success(session, row.claim, outcome, ttl):
                     return True
                 log.info("job %s was cancelled or reclaimed; result dropped", row.claim.job.id)
                 return False

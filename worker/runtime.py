@@ -17,6 +17,7 @@ from worker.batch_choice import POLL_SECONDS, BatchChoice
 from worker.claims import ClaimedRow, RunningClaims, prepare_rows
 from worker.engine.batching import plan_groups
 from worker.engine.decode import FAILED, Generation, NewRow, decode_rows, generate
+from worker.engine.grammar import ERROR_CODE as GRAMMAR_ERROR
 from worker.engine.loader import LoadedModel
 from worker.results import Results
 from worker.services import Services, SessionScope
@@ -145,7 +146,11 @@ class WorkerRuntime:
         """Record a row's result; a row the engine could not set up fails alone."""
         if generation.finish_reason == FAILED:
             log.warning("job %s failed in the engine: %s", row.claim.job.id, generation.error)
-            self.results.fail([row.claim], "invalid_job", generation.error or "engine error")
+            error = generation.error or "engine error"
+            # A schema the grammar library cannot compile has its own code; any other row
+            # that could not be set up is an invalid job.
+            code = GRAMMAR_ERROR if error.startswith(f"{GRAMMAR_ERROR}:") else "invalid_job"
+            self.results.fail([row.claim], code, error)
             return False
         return self.results.record(row, generation)
 

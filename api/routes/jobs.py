@@ -31,7 +31,9 @@ def create_job(
 ) -> JobPublic:
     """Queue a prompt or chat job; answers at once with its id."""
     prepared = service.prepare_native(body, settings)
-    job, created = service.submit_job(session, queue, owner, prepared, idempotency_key)
+    job, created = service.submit_job(
+        session, queue, owner, prepared, idempotency_key, storage=storage
+    )
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return job_public(job, storage)

@@ -64,6 +64,8 @@ def response_body(job: Job, text: str, endpoint: str) -> dict[str, Any]:
             "estimated_cost": float(cost),
         },
     }
+    if job.cached:  # mbatch's own: answered from the result cache, at no cost
+        common["cached"] = True
     finish = job.finish_reason or "stop"
     suffix = job.id.removeprefix("job_")
     if endpoint == CHAT_ENDPOINT:

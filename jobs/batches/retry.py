@@ -56,6 +56,7 @@ def retry_failed(
         metadata=batch.metadata_,
         callback_url=batch.callback_url,
         max_cost=batch.max_cost,
+        cache=batch.cache,
     )
     retry, _ = create_batch(session, owner, body, settings)
     retry.retry_of = batch.id

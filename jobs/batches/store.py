@@ -78,6 +78,7 @@ def create_batch(
         callback_url=body.callback_url,
         idempotency_key=key,
         max_cost=body.max_cost,
+        cache=body.cache,
         total=file.lines,
         invalid=0,
         completed=0,

@@ -1,8 +1,11 @@
 """Validating a batch: the `validating` step reads the input file, checks each line, and
 records the good lines as queued jobs and the bad ones as line errors, in chunks, each chunk
 under the step's lease and only while the batch is still validating. A line's job id is fixed
-by its batch and line number, so a step taken up again adds nothing twice. The batch then
-moves on to `in_progress`, or straight to finalizing when no line was good.
+by its batch and line number, so a step taken up again adds nothing twice. In a batch with
+`cache` on, a deterministic line whose request the owner's result cache holds is recorded as
+a job that has already succeeded (`jobs.cache`), counted on the batch with its chunk, and never
+queued. The batch then moves on to `in_progress`, or straight to finalizing when no line was
+good; one whose lines were all answered from the cache finalizes at once.
 Like every step (see `steps`), it is a unit of work of its own, and commits as it goes.
 """
 
@@ -12,7 +15,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from jobs import files
+from jobs import cache, files, queries
 from jobs.batches.finalizing import finalize
 from jobs.batches.lines import InvalidLine, LineChecker, ValidLine, check_file, owner_adapters
 from jobs.batches.steps import STEP_LEASE, SessionScope, Step, step_guard, take_step
@@ -88,10 +91,10 @@ def _validate(
             invalid += isinstance(result, InvalidLine)
             pending.append(result)
             if len(pending) >= settings.batch_chunk_lines:
-                if not _enqueue(session, queue, settings, batch, step, pending):
+                if not _enqueue(session, queue, storage, settings, batch, step, pending):
                     return  # cancelled, expired or taken over meanwhile
                 pending = []
-        if not _enqueue(session, queue, settings, batch, step, pending):
+        if not _enqueue(session, queue, storage, settings, batch, step, pending):
             return
     with scope() as session:
         now = utcnow()
@@ -112,9 +115,44 @@ def _validate(
     finalize(scope, storage, settings, batch.id)
 
 
+def _answer_from_cache(
+    session: Session, storage: Storage, batch: Batch, jobs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Record the chunk's lines that the owner's result cache answers as succeeded jobs,
+    each with its own copy of a large answer, and count those this take added on the batch
+    (under its row's lock, taken by the caller). Returns the lines left to queue."""
+    cache.set_keys(session, jobs)
+    keys = [job["cache_key"] for job in jobs if job["cache_key"] is not None]
+    hits = cache.find_hits(session, storage, batch.owner, keys)
+    if not hits:
+        return jobs
+    now = utcnow()
+    answered = {
+        job["id"]: (
+            hits[job["cache_key"]],
+            {**job, **hits[job["cache_key"]].job_values(job["id"], now)},
+        )
+        for job in jobs
+        if job["cache_key"] in hits
+    }
+    added = cache.insert_new_jobs(session, [row for _, row in answered.values()])
+    for job_id in sorted(added):
+        answered[job_id][0].store_copy(storage, job_id)
+    rows = [answered[job_id][1] for job_id in added]
+    queries.count_lines_ended(
+        session,
+        batch.id,
+        succeeded=len(rows),
+        prompt_tokens=sum(row["prompt_tokens"] for row in rows),
+        completion_tokens=sum(row["completion_tokens"] for row in rows),
+    )
+    return [job for job in jobs if job["id"] not in answered]
+
+
 def _enqueue(
     session: Session,
     queue: JobQueue,
+    storage: Storage,
     settings: Settings,
     batch: Batch,
     step: Step,
@@ -128,6 +166,8 @@ def _enqueue(
         session.rollback()
         return False
     jobs = [_job_row(batch, r) for r in results if isinstance(r, ValidLine)]
+    if batch.cache:
+        jobs = _answer_from_cache(session, storage, batch, jobs)
     errors = [
         {
             "batch_id": batch.id,

@@ -11,7 +11,9 @@ What goes, once older than the limit:
 - webhook events that ended (delivered, or failed for good) with their attempts, once
   created before the limit and not attempted since (a redelivery keeps an event);
 - schedules' runs, by when they were made (the jobs and batches they made go as above).
-Nothing unfinished is ever deleted, and adapters are not deleted here.
+Nothing unfinished is ever deleted, and adapters are not deleted here. Result cache entries go
+once they expire, whatever `retention_days` (they own no object: a large answer is the stored
+result of the job that produced it, and goes with that job).
 
 Each chunk (at most `chunk_rows` rows of one kind) is its own transaction: the rows are chosen
 and locked (`SKIP LOCKED`, so that the maintainers of several workers share the work), one of
@@ -24,7 +26,7 @@ Jobs are found through the partial index on finished jobs' `finished_at` (migrat
 a batch's lines and line errors through their batch's key, so no query reads the queue or
 scans the jobs table. Old batches and input files are found by a read of the batches and files
 tables, which grow with batches and uploads, never with lines. A pass with nothing to delete
-is six short queries.
+is seven short queries.
 """
 
 import logging
@@ -54,6 +56,7 @@ from jobs.files import INPUT_PURPOSE
 from jobs.models import (
     Batch,
     BatchStatus,
+    CacheEntry,
     EventStatus,
     FileObject,
     Job,
@@ -257,6 +260,15 @@ def _delete_chosen(
     return Chunk(len(rows))
 
 
+def _take_expired_cache_entries(
+    session: Session, storage: Storage, now: datetime, limit: int
+) -> Chunk:
+    """Result cache entries that expired before `now`, by their index on `expires_at`."""
+    key = (CacheEntry.owner, CacheEntry.key)
+    chosen = select(*key).where(CacheEntry.expires_at <= now).order_by(CacheEntry.expires_at)
+    return _delete_chosen(session, CacheEntry, key, chosen.limit(limit))
+
+
 # In this order: a batch goes once its lines (taken with the jobs) and line errors are gone.
 TAKES: dict[str, Take] = {
     "jobs": _take_jobs,
@@ -266,6 +278,8 @@ TAKES: dict[str, Take] = {
     "webhook_events": _take_events,
     "schedule_runs": _take_schedule_runs,
 }
+# Taken with `now` for the cutoff: what expired, rather than what is older than the limit.
+EXPIRED_TAKES: dict[str, Take] = {"result_cache": _take_expired_cache_entries}
 
 
 def _delete_objects(storage: Storage, keys: Iterable[str]) -> int:
@@ -298,16 +312,19 @@ def purge(
     most `max_chunks` chunks of `chunk_rows` rows of each kind. Returns the rows deleted by
     kind, and the stored objects (`objects`). An outage ends the pass early, with a warning:
     the next pass takes up where this one stopped."""
-    cutoff = (now or utcnow()) - timedelta(days=settings.retention_days)
+    now = now or utcnow()
+    cutoff = now - timedelta(days=settings.retention_days)
+    takes = [(kind, take, cutoff) for kind, take in TAKES.items()]
+    takes += [(kind, take, now) for kind, take in EXPIRED_TAKES.items()]
     deadline = time.monotonic() + PASS_SECONDS
     deleted: Counter[str] = Counter()
     try:
-        for kind, take in TAKES.items():
+        for kind, take, before in takes:
             for _ in range(max_chunks):
                 if time.monotonic() > deadline:
                     break
                 with scope() as session:
-                    chunk = take(session, storage, cutoff, chunk_rows)
+                    chunk = take(session, storage, before, chunk_rows)
                 # Committed: the rows are gone, and their objects are named by none.
                 deleted[kind] += chunk.rows
                 deleted["objects"] += _delete_objects(storage, chunk.keys)

@@ -58,6 +58,8 @@ class BatchCreate(RequestModel):
     max_cost: Annotated[Money, Field(gt=0, max_digits=20, decimal_places=10)] | None = None
     dry_run: bool = False
     idempotency_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    # Answer its deterministic lines from the owner's result cache (`jobs.cache`).
+    cache: bool = False
 
 
 ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
@@ -100,6 +102,7 @@ class BatchPublic(BaseModel):
     max_cost: float | None = None
     retry_of: str | None = None
     usage: dict[str, Any] | None = None
+    cache: bool = False
 
     @classmethod
     def of(cls, batch: Batch) -> "BatchPublic":
@@ -128,6 +131,7 @@ class BatchPublic(BaseModel):
             max_cost=float(batch.max_cost) if batch.max_cost is not None else None,
             retry_of=batch.retry_of,
             usage=usage(batch),
+            cache=batch.cache,
         )
 
 

@@ -69,6 +69,8 @@ class JobPublic(BaseModel):
     compute_seconds: float | None
     error: ErrorPublic | None
     metadata: dict[str, str] | None
+    # Answered from the result cache: it never ran, and cost nothing.
+    cached: bool = False
 
 
 RESULT_UNAVAILABLE = "result_unavailable"
@@ -136,6 +138,7 @@ def job_public(job: Job, storage: Storage) -> JobPublic:
         compute_seconds=job.compute_seconds,
         error=error,
         metadata=job.metadata_,
+        cached=bool(job.cached),
     )
 
 

@@ -7,6 +7,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
+from jobs.response_format import schema_text
 from jobs.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SAMPLING_FIELDS, SamplingParams
 from jobs.schemas.base import RequestModel
 from jobs.tokenizer import ChatMessage
@@ -54,11 +55,15 @@ class JobCreate(RequestModel):
     # As OpenAI's chat: each token's log-probability, and its best alternatives.
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # As OpenAI's: JSON that follows a schema, enforced while decoding (`jobs.response_format`).
+    response_format: dict[str, Any] | None = None
     callback_url: Annotated[str, Field(max_length=2048)] | None = None
     metadata: Annotated[dict[str, str], Field(max_length=MAX_METADATA_PAIRS)] | None = None
     # ISO 8601 text is how JSON carries a time: read it as one.
     run_at: Annotated[datetime, Field(strict=False)] | None = None
     idempotency_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    # Answer it from the owner's result cache where deterministic (`jobs.cache`).
+    cache: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> "JobCreate":
@@ -82,6 +87,12 @@ class JobCreate(RequestModel):
         for key, item in (value or {}).items():
             if len(key) > 64 or len(item) > 512:
                 raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        schema_text(value)  # raises InvalidParameter naming response_format
         return value
 
     @field_validator("callback_url")
@@ -111,6 +122,7 @@ class JobCreate(RequestModel):
         # means what 1 means there: no penalty (the built-in default).
         if values["repetition_penalty"] == 0:
             values["repetition_penalty"] = None
+        values["response_format"] = schema_text(self.response_format)
         return SamplingParams.resolve(spec, **values)
 
     def input_record(self) -> dict[str, Any]:

@@ -6,10 +6,11 @@ internal `SamplingParams` through `SamplingParams.resolve`, after its own dialec
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
+from jobs.response_format import schema_text
 from jobs.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SAMPLING_FIELDS, SamplingParams
 from jobs.schemas.base import RequestModel
 from jobs.schemas.native import MAX_TEXT_CHARS
@@ -62,6 +63,14 @@ class OpenAIBody(RequestModel):
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     stream: Literal[False] | None = None
     lora: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    # JSON that follows a schema, enforced while decoding (`jobs.response_format`).
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        schema_text(value)  # raises InvalidParameter naming response_format
+        return value
 
     def to_sampling_params(self, spec: ModelSpec) -> SamplingParams:
         # Each endpoint names its logprobs fields its own way (`logprob_settings`).
@@ -69,6 +78,7 @@ class OpenAIBody(RequestModel):
         # OpenAI's max_completion_tokens replaces max_tokens, which it still accepts.
         if self.max_completion_tokens is not None:
             values["max_tokens"] = self.max_completion_tokens
+        values["response_format"] = schema_text(self.response_format)
         return SamplingParams.resolve(spec, **{**values, **self.logprob_settings()})
 
     def logprob_settings(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from jobs.models import Batch, BatchStatus, Job, LineError
 from jobs.queries import Outcome
 from jobs.settings import Settings
 from jobs.storage import Storage, storage_from_settings
+from jobs.tokenizer import TokenLogprob
 from mbatch.submit import ApiClient, OutputFollower
 from tests.integration.test_batch_counters import claim_line
 from tests.integration.test_batch_steps import advance, chat_line, start_batch
@@ -303,3 +304,38 @@ def test_submit_wait_appends_each_line_once_as_it_finishes(
         assert sorted(mine, key=lambda x: x["id"]) == sorted(
             file_lines(client, alice, file_id), key=lambda x: x["id"]
         )
+
+
+def test_a_completion_line_with_logprobs_streams_them_in_the_legacy_shape(
+    client: TestClient, alice: dict[str, str], db: Session
+) -> None:
+    # A completion's text offsets count from its prompt, which the stream must read for it.
+    line = {
+        "custom_id": "p1",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"prompt": "Say hi", "max_tokens": 2, "logprobs": 1},
+    }
+    uploaded = client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", json.dumps(line).encode() + b"\n")},
+        data={"purpose": "batch"},
+        headers=alice,
+    ).json()
+    made = client.post(
+        "/v1/batches",
+        json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions"},
+        headers=alice,
+    ).json()
+    batch_id = made["id"]
+    assert client.get(f"/v1/batches/{batch_id}", headers=alice).json()["status"] == "in_progress"
+    claim = claim_line(db, batch_id, 1)
+    entry = TokenLogprob(token=" hi", logprob=-0.5, bytes=list(b" hi"), top_logprobs=[])
+    outcome = Outcome(1, "length", " hi", None, Decimal("0"), Decimal("0"), 0.1, [entry])
+    assert queries.record_success(db, claim, outcome)
+
+    resume, lines = output(client, alice, batch_id)
+    assert resume == 1
+    logprobs = lines[0]["response"]["body"]["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [" hi"] and logprobs["token_logprobs"] == [-0.5]
+    assert logprobs["text_offset"] == [len("Say hi")]

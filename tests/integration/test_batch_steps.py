@@ -55,7 +55,14 @@ def chat_line(custom_id: Any, **body: Any) -> dict[str, Any]:
     }
 
 
-def start_batch(client: TestClient, headers: dict[str, str], lines: list[bytes]) -> dict[str, Any]:
+def start_batch(
+    client: TestClient,
+    headers: dict[str, str],
+    lines: list[bytes],
+    endpoint: str = CHAT,
+    **body: Any,
+) -> dict[str, Any]:
+    """A batch of these lines (its file uploaded first), with any other fields of its body."""
     uploaded = client.post(
         "/v1/files",
         files={"file": ("in.jsonl", b"\n".join(lines) + b"\n")},
@@ -65,7 +72,7 @@ def start_batch(client: TestClient, headers: dict[str, str], lines: list[bytes])
     assert uploaded.status_code == 200, uploaded.text
     made = client.post(
         "/v1/batches",
-        json={"input_file_id": uploaded.json()["id"], "endpoint": CHAT},
+        json={"input_file_id": uploaded.json()["id"], "endpoint": endpoint, **body},
         headers=headers,
     )
     assert made.status_code == 200, made.text

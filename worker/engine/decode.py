@@ -15,6 +15,15 @@ logits, before penalties, temperature and filters, for those rows alone. A step 
 the device (one small tensor for the rows that ask, which each row points into), and a row's
 values are read back when it leaves, with those of the rows leaving beside it: a step whose
 rows do not ask does no more work, and no step waits for them.
+
+Rows with a `response_format` follow a JSON Schema: each has a grammar matcher of its own
+(`worker.engine.grammar`), made when it joins; a row whose schema does not compile fails
+alone. Before sampling (the prefill's too), their rows of the logits get -inf on every token
+the matcher does not allow next, EOS included until the JSON is complete; the mask is built
+on the host from the matchers and copied over, and the logprobs stay those of the raw logits.
+Each matcher then follows its row's token from the step's read-back; a row whose matcher has
+stopped is done ("stop"), one that reaches max_tokens first ends "length". A step of rows
+without one does no mask work at all.
 """
 
 import math
@@ -30,6 +39,14 @@ import torch
 from jobs.sampling import SamplingParams
 from jobs.tokenizer import MistralTokenizer, TokenLogprob
 from worker.engine.batching import plan_groups
+from worker.engine.grammar import (
+    ERROR_CODE,
+    GrammarError,
+    Grammars,
+    Matcher,
+    grammars_for,
+    mask_logits,
+)
 from worker.engine.kv_cache import SlotCache, attention_mask, decode_inputs, prefill_inputs
 from worker.engine.loader import LoadedModel
 from worker.engine.lora_batched import BASE, forward_indexed, row_indices
@@ -108,6 +125,8 @@ class _Row:
         # Where each token's log-probabilities are, for a row that asks for them: a step's
         # record on the device (see `_logprob_record`) and this row's line in it.
         self.logprob_steps: list[tuple[torch.Tensor, int]] = []
+        # What its tokens may be, for a row with a response_format; None: free text.
+        self.grammar: Matcher | None = None
         # The longest stop string in UTF-8 bytes: every token adds at least one byte to the
         # text, so a stop string that ends in the newest token lies within that many tokens.
         self.stop_bytes = max((len(stop.encode()) for stop in self.params.stop), default=0)
@@ -117,6 +136,8 @@ class _Row:
             self.finish, self.ended_by_eos = "stop", True
             return
         self.tokens.append(token)
+        if self.grammar is not None and self._grammar_ends(token):
+            return
         if self.params.stop and self._stop_in_tail(decode):
             cut = _cut_at_stop(decode(self.tokens), self.params.stop)
             if cut is not None:
@@ -124,6 +145,18 @@ class _Row:
                 return
         if len(self.tokens) >= self.budget:
             self.finish = "length"
+
+    def _grammar_ends(self, token: int) -> bool:
+        """The matcher follows the token; whether that ends the row: the JSON is complete and
+        nothing but EOS may follow ("stop"), or, which the mask rules out, it was refused."""
+        assert self.grammar is not None
+        if not self.grammar.consume_token(token):
+            self.fail(f"the grammar refused token {token}: {self.grammar.get_error()}")
+            return True
+        if self.grammar.is_stopped():
+            self.finish = "stop"
+            return True
+        return False
 
     def _stop_in_tail(self, decode: Decode) -> bool:
         """Whether a stop string lies in the newest tokens. Counted in bytes, not characters:
@@ -164,6 +197,12 @@ class _Row:
 def _asking(rows: Sequence[_Row]) -> tuple[int, ...]:
     """Which of these rows ask for logprobs."""
     return tuple(index for index, row in enumerate(rows) if row.params.logprobs)
+
+
+def _grammars(rows: Sequence[_Row]) -> list[Matcher | None] | None:
+    """The rows' matchers, row by row; None where no row has one (nothing to mask)."""
+    matchers = [row.grammar for row in rows]
+    return matchers if any(matcher is not None for matcher in matchers) else None
 
 
 def _logprob_record(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.Tensor:
@@ -348,6 +387,10 @@ class _Batch:
         # row asks): set with the layout, so that a step of rows that do not ask pays nothing.
         self.asking: tuple[int, ...] = ()
         self.asking_index: torch.Tensor | None = None
+        # Each slot's grammar matcher, set with the layout; None where no row has one, so
+        # that a step of free rows does no mask work.
+        self.matchers: list[Matcher | None] | None = None
+        self._grammars: Grammars | None = None  # made for the first row that needs one
         # Rows that finished before they had a slot (setup failed, or no room for a token).
         self.unseated: list[_Row] = []
 
@@ -396,9 +439,21 @@ class _Batch:
             raise  # not the row's fault: its batch cannot run now
         except Exception as exc:
             row.fail(f"the row could not be set up: {exc}")
+        if row.finish is None and row.params.response_format is not None:
+            try:
+                row.grammar = self._grammar_set().matcher(row.params.response_format)
+            except GrammarError as exc:
+                row.fail(f"{ERROR_CODE}: the schema does not compile: {exc}")
+            except Exception as exc:  # the grammar tokenizer itself: this row fails, not its batch
+                row.fail(f"{ERROR_CODE}: no grammar could be made: {exc}")
         if row.finish is not None:
             self.unseated.append(row)
         return row
+
+    def _grammar_set(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = grammars_for(self.tokenizer, self.vocab)
+        return self._grammars
 
     def _prefill(self, group: list[_Row], slots: list[int]) -> _Joining:
         assert self.cache is not None
@@ -423,7 +478,8 @@ class _Batch:
             self.cache,
         )
         sampling = _Sampling.start(group, self.vocab, self.device, input_ids, real)
-        tokens = sampling.sample(logits)
+        matchers = _grammars(group)
+        tokens = sampling.sample(mask_logits(logits, matchers) if matchers else logits)
         if asking := _asking(group):
             asking_index = self._rows_index(asking, len(group))
             _capture_logprobs(group, asking, asking_index, logits, tokens)
@@ -495,6 +551,7 @@ class _Batch:
         self.next_t = torch.tensor(self.next + idle, device=self.device)
         self.asking = _asking(self.rows)
         self.asking_index = self._rows_index(self.asking, final) if self.asking else None
+        self.matchers = _grammars(self.rows)
 
     def _rows_index(self, asking: tuple[int, ...], rows: int) -> torch.Tensor | None:
         """`asking` on the device, without waiting for it; None where it is every row."""
@@ -523,6 +580,7 @@ class _Batch:
             self.rows, self.first, self.next, self.sampling = [], [], [], None
             self.next_ids = self.next_ids[:0]
             self.asking, self.asking_index = (), None
+            self.matchers = None
 
     def settle(self, dropped: Dropped | None) -> None:
         """Stop the rows that `dropped` names, then let every finished row go."""
@@ -562,9 +620,10 @@ class _Batch:
             positions,
             self.cache,
         )
-        tokens = self.sampling.sample(logits[:rows])
+        own = logits[:rows]  # the rows' (a compiled step decodes idle slots too)
+        tokens = self.sampling.sample(mask_logits(own, self.matchers) if self.matchers else own)
         if self.asking:
-            _capture_logprobs(self.rows, self.asking, self.asking_index, logits[:rows], tokens)
+            _capture_logprobs(self.rows, self.asking, self.asking_index, own, tokens)
         self.next_ids = tokens
         self.next_t[:rows] += 1
         self.next = [column + 1 for column in self.next]

@@ -27,9 +27,12 @@ from jobs.sampling import SamplingParams
 
 # Every SamplingParams field is a per-row column of SamplingTensors, a float32 one holding the
 # field's own value, except for these few. Not columns: max_tokens (the decode loop's), seed
-# (it becomes the row's `rng_key`), stop (checked on the decoded text), and logprobs and
-# top_logprobs (reported by the decode loop, from the raw logits: they never change a draw).
-_NOT_COLUMNS = frozenset({"max_tokens", "seed", "stop", "logprobs", "top_logprobs"})
+# (it becomes the row's `rng_key`), stop (checked on the decoded text), logprobs and
+# top_logprobs (reported by the decode loop, from the raw logits: they never change a draw),
+# and response_format (the decode loop masks the logits before they reach the sampler).
+_NOT_COLUMNS = frozenset(
+    {"max_tokens", "seed", "stop", "logprobs", "top_logprobs", "response_format"}
+)
 # Columns that hold something other than the field's own value.
 _COLUMN_RULES: dict[str, Callable[[SamplingParams, int], float]] = {
     "top_p": lambda p, vocab_size: min(p.top_p, 1.0),  # 1 or more keeps every token
