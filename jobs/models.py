@@ -143,6 +143,9 @@ class Job(Base):
     cache_key: Mapped[str | None] = mapped_column(String(64))
     # Answered from the cache at submission: it never ran, and costs nothing.
     cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Where the request asked for n > 1 samples: samples 1..n-1 (sample 0 is the result
+    # above), each `{"text" or "uri", "finish_reason", "completion_tokens", "logprobs"}`.
+    choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class CacheEntry(Base):

@@ -237,6 +237,8 @@ class Outcome:
     compute_seconds: float
     # Each token's logprobs, where the request asked for them.
     logprobs: list[TokenLogprob] | None = None
+    # Samples 1..n-1 of a job that asked for n > 1 (`Job.choices`); None for one sample.
+    choices: list[dict[str, Any]] | None = None
 
 
 def _held(claim: Claim) -> tuple[ColumnElement[bool], ...]:
@@ -280,6 +282,8 @@ def _finish(
             completion_tokens=outcome.completion_tokens,
             cost=outcome.cost_input + outcome.cost_output,
         )
+    if ended and outcome is not None and claim.job.sampling.get("n", 1) == 1:
+        # A job of n samples is not cached: an entry holds one answer.
         cache.remember(
             session,
             claim.job,
@@ -290,7 +294,7 @@ def _finish(
             logprobs=outcome.logprobs,
             ttl_seconds=cache_ttl_seconds,
         )
-    elif ended:
+    if ended and outcome is None:
         count_lines_ended(session, batch_id, failed=1)
     session.commit()
     return ended
@@ -319,6 +323,7 @@ def record_success(
             "cost_output": outcome.cost_output,
             "compute_seconds": outcome.compute_seconds,
             "logprobs": outcome.logprobs,
+            "choices": outcome.choices,
         },
         outcome,
         cache_ttl_seconds,

@@ -17,6 +17,8 @@ MAX_STOP_STRINGS = 4
 GREEDY_BELOW = 1e-5
 # OpenAI's limit on the alternatives shown per token (chat's `top_logprobs`).
 MAX_TOP_LOGPROBS = 20
+# The most samples one request may ask for (`n`), each decoded from the same prefill.
+MAX_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class SamplingParams:
     # The JSON Schema the answer must follow, as canonical JSON text (`jobs.response_format`),
     # enforced while decoding; None: free text.
     response_format: str | None = None
+    # How many samples to draw from the one prompt: one prefill, then n rows that decode
+    # apart, each with its own seed (`sample_seed`).
+    n: int = 1
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -60,6 +65,12 @@ class SamplingParams:
             raise InvalidParameter(
                 "top_logprobs", self.top_logprobs, f"must be between 0 and {MAX_TOP_LOGPROBS}"
             )
+        if (
+            isinstance(self.n, bool)
+            or not isinstance(self.n, int)
+            or not 1 <= self.n <= MAX_SAMPLES
+        ):
+            raise InvalidParameter("n", self.n, f"must be an integer between 1 and {MAX_SAMPLES}")
         if self.top_logprobs and not self.logprobs:
             # As OpenAI: alternatives are only shown beside the chosen tokens' own values.
             raise InvalidParameter("top_logprobs", self.top_logprobs, "needs logprobs: true")
@@ -86,11 +97,29 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stop"] = list(self.stop)
+        if self.n == 1:
+            # Stored as before n existed: a job's sampling, and its cache key, stay the same.
+            del data["n"]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
         return cls(**{**data, "stop": tuple(data.get("stop") or ())})
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded with `seed`: the seed itself for sample
+    0 (so that it decodes as the same request with n=1 does), else splitmix64 of the seed
+    advanced by `index` golden-ratio steps, a 64-bit value far from every other sample's."""
+    if index == 0:
+        return seed
+    z = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 # The request fields that are sampling parameters: the same names in both dialects.

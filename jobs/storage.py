@@ -225,6 +225,12 @@ def result_key(job_id: str) -> str:
     return f"results/{job_id}.txt"
 
 
+def sample_result_key(job_id: str, index: int) -> str:
+    """Where sample `index` (1 or more) of a job that asked for n samples is kept when it is
+    too large for the job's `choices` (or holds a NUL); sample 0 is the job's own result."""
+    return f"results/{job_id}.{index}.txt"
+
+
 def storage_from_settings(settings: Settings) -> Storage:
     """`s3://bucket/prefix` or `file://path` (relative paths are relative to the cwd)."""
     url = urlparse(settings.storage_url)

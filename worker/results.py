@@ -1,6 +1,7 @@
 """Placing, recording and giving back the results of claimed jobs."""
 
 import logging
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -10,7 +11,7 @@ from jobs.pricing import price
 from jobs.queries import Claim, Outcome
 from jobs.registry import ModelSpec
 from jobs.service import publish
-from jobs.storage import Storage, result_key
+from jobs.storage import Storage, result_key, sample_result_key
 from worker.claims import ClaimedRow
 from worker.engine.decode import CANCELLED, Generation
 from worker.services import Services
@@ -19,16 +20,17 @@ log = logging.getLogger(__name__)
 
 
 def place_response(
-    storage: Storage, job_id: str, text: str, inline_max_bytes: int
+    storage: Storage, job_id: str, text: str, inline_max_bytes: int, key: str | None = None
 ) -> tuple[str | None, str | None]:
     """Where a response is kept: `(text, None)` in the row, or `(None, key)` in object storage.
 
-    Large responses go to storage, and so does any with a NUL character, which a model can
-    emit (byte-fallback `<0x00>`) and Postgres text cannot hold.
+    Large responses go to storage (under `key`, the job's `result_key` by default), and so
+    does any with a NUL character, which a model can emit (byte-fallback `<0x00>`) and
+    Postgres text cannot hold.
     """
     if len(text.encode()) <= inline_max_bytes and "\x00" not in text:
         return text, None
-    key = result_key(job_id)
+    key = key or result_key(job_id)
     storage.put_bytes(key, text.encode())
     return None, key
 
@@ -96,8 +98,10 @@ class Results:
             publish(session, self.services.queue, requeued)
 
     def _outcome(self, row: ClaimedRow, generation: Generation) -> Outcome:
-        # EOS counts, as OpenAI and vLLM count (and bill) it: the model did generate it.
-        completion_tokens = generation.completion_tokens
+        # EOS counts, as OpenAI and vLLM count (and bill) it: the model did generate it. Of n
+        # samples, the prompt was prefilled once and counts once; every sample's tokens count.
+        samples = generation.samples or [generation]
+        completion_tokens = sum(sample.completion_tokens for sample in samples)
         cost = price(self.spec, len(row.prompt), completion_tokens)
         text, uri = place_response(
             self.services.storage,
@@ -112,6 +116,29 @@ class Results:
             response_uri=uri,
             cost_input=cost.input,
             cost_output=cost.output,
-            compute_seconds=generation.compute_seconds,
+            compute_seconds=sum(sample.compute_seconds for sample in samples),
             logprobs=generation.logprobs,
+            choices=self._choices(row.claim.job.id, samples[1:]) if len(samples) > 1 else None,
         )
+
+    def _choices(self, job_id: str, samples: list[Generation]) -> list[dict[str, Any]]:
+        """Samples 1..n-1 as `Job.choices` holds them, large texts placed in storage."""
+        choices = []
+        for index, sample in enumerate(samples, start=1):
+            text, uri = place_response(
+                self.services.storage,
+                job_id,
+                sample.text,
+                self.services.settings.result_inline_max_bytes,
+                key=sample_result_key(job_id, index),
+            )
+            place = {"text": text} if uri is None else {"uri": uri}
+            choices.append(
+                {
+                    **place,
+                    "finish_reason": sample.finish_reason,
+                    "completion_tokens": sample.completion_tokens,
+                    "logprobs": sample.logprobs,
+                }
+            )
+        return choices

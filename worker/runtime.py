@@ -136,7 +136,7 @@ class WorkerRuntime:
         log.info(
             "batch of %d: %d tokens decoded in %.2f s, recorded in %.2f s",
             len(group),
-            sum(len(g.token_ids) for g in generations),
+            sum(_tokens(g) for g in generations),
             decoded,
             time.perf_counter() - started - decoded,
         )
@@ -153,6 +153,11 @@ class WorkerRuntime:
             self.results.fail([row.claim], code, error)
             return False
         return self.results.record(row, generation)
+
+
+def _tokens(generation: Generation) -> int:
+    """The tokens a row decoded, over all its samples."""
+    return sum(len(sample.token_ids) for sample in generation.samples or [generation])
 
 
 # How often a refilled batch looks at the file batches whose lines it ended (max_cost, done).
@@ -225,7 +230,7 @@ class _RefilledBatch:
     def _finished(self, key: Hashable, generation: Generation) -> None:
         assert isinstance(key, int)
         row = self.active.pop(key)
-        self.decoded += len(generation.token_ids)
+        self.decoded += _tokens(generation)
         self.recorded += self.runtime.record(row, generation)
         if row.claim.job.batch_id is not None:
             self.ended.append(row.claim)
@@ -261,14 +266,19 @@ class _RefilledBatch:
         def choose(candidates: list[Job]) -> list[Job]:
             chosen: list[Job] = []
             added: set[str] = set()
+            slots = 0  # a job of n samples takes n slots
             for job in candidates:
+                samples = int(job.sampling.get("n", 1))
+                if chosen and slots + samples > free:
+                    continue
                 adapter = job.lora_id
                 if adapter is not None and adapter not in running_adapters | added:
                     if len(added) >= room:
                         continue
                     added.add(adapter)
                 chosen.append(job)
-                if len(chosen) == free:
+                slots += samples
+                if slots >= free:
                     break
             return chosen
 

@@ -35,7 +35,9 @@ def estimate(
         if isinstance(result, InvalidLine):
             errors.append(_line_error_dict(result))
             continue
-        tokens, budget = result.prepared.prompt_tokens, result.prepared.sampling.max_tokens
+        sampling = result.prepared.sampling
+        # Every sample may use all its max_tokens; the prompt is counted once.
+        tokens, budget = result.prepared.prompt_tokens, sampling.max_tokens * sampling.n
         prompt_tokens += tokens
         max_completion += budget
         low += price(result.prepared.spec, tokens, 0).total

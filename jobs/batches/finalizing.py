@@ -21,7 +21,7 @@ from jobs.batches.output_format import error_line, output_line
 from jobs.batches.steps import SessionScope, Step, StepTakenOver, renew_step, step_guard, take_step
 from jobs.batches.store import STEP_RESET, has_unfinished_lines, line_job_id, spent
 from jobs.models import Batch, BatchStatus, Job, JobStatus, LineError
-from jobs.schemas.jobs import RESULT_UNAVAILABLE, response_text
+from jobs.schemas.jobs import RESULT_UNAVAILABLE, choice_texts, response_text
 from jobs.settings import Settings
 from jobs.storage import Storage
 from jobs.timeutil import utcnow
@@ -176,11 +176,12 @@ def succeeded_line(job: Job, storage: Storage, endpoint: str) -> dict[str, Any]:
     error line it becomes (an outage still raises: the caller waits it out)."""
     try:
         text = response_text(job, storage) or ""
+        others = choice_texts(job, storage)
     except KeyError:
         message = "the result was recorded but its stored copy is gone"
         line = job.line or 0
         return error_line(job.id, job.custom_id, line, RESULT_UNAVAILABLE, message)
-    return output_line(job, text, endpoint)
+    return output_line(job, text, endpoint, others)
 
 
 def ended_line(job: Job) -> dict[str, Any]:

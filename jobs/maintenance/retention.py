@@ -141,16 +141,18 @@ def _take_jobs(session: Session, storage: Storage, cutoff: datetime, limit: int)
     """Finished jobs that ended before the cutoff, unless their batch keeps them."""
     kept_by_batch = exists().where(Batch.id == Job.batch_id, ~_batch_past(cutoff))
     rows = session.execute(
-        select(Job.id, Job.response_uri)
+        select(Job.id, Job.response_uri, Job.choices)
         .where(_one_of(Job.status, FINISHED_JOBS), Job.finished_at < cutoff, ~kept_by_batch)
         .order_by(Job.finished_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
-    keys = [uri for _, uri in rows if uri]
+    # The first answer's object, and those of its further samples (n > 1) kept in storage.
+    keys = [uri for _, uri, _ in rows if uri]
+    keys += [choice["uri"] for _, _, choices in rows for choice in choices or [] if "uri" in choice]
     _reachable(storage, keys)
     if rows:
-        ids = [id_ for id_, _ in rows]
+        ids = [id_ for id_, _, _ in rows]
         session.execute(delete(Job).where(Job.id.in_(ids), _one_of(Job.status, FINISHED_JOBS)))
     return Chunk(len(rows), keys)
 

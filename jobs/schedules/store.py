@@ -59,16 +59,18 @@ def batch_body(schedule: Schedule) -> BatchCreate:
 
 def check_job_cost(prepared: PreparedJob, max_cost: Decimal | None) -> None:
     """InvalidParameter("max_cost") if the job could cost more than `max_cost`: its prompt,
-    and every token max_tokens allows, at the model's price."""
+    and every token max_tokens allows in each of its n samples, at the model's price."""
     if max_cost is None:
         return
-    worst = price(prepared.spec, prepared.prompt_tokens, prepared.sampling.max_tokens).total
+    sampling = prepared.sampling
+    worst = price(prepared.spec, prepared.prompt_tokens, sampling.max_tokens * sampling.n).total
     if worst > max_cost:
         raise InvalidParameter(
             "max_cost",
             max_cost,
             f"a run of this job may cost up to {worst} (its prompt and max_tokens "
-            f"{prepared.sampling.max_tokens} at {prepared.spec.name}'s price)",
+            f"{sampling.max_tokens} for each of {sampling.n} samples at "
+            f"{prepared.spec.name}'s price)",
         )
 
 

@@ -25,10 +25,19 @@ class LogprobsPublic(BaseModel):
     content: list[TokenLogprobPublic]
 
 
+class ChoicePublic(BaseModel):
+    """One sample of a job that asked for n > 1."""
+
+    response: str
+    finish_reason: str | None
+
+
 class JobResult(BaseModel):
     response: str
     # Only where the job asked for them: a result is otherwise exactly Workers AI's.
     logprobs: LogprobsPublic | None = Field(default=None, exclude_if=lambda value: value is None)
+    # Only where the job asked for n > 1 samples: every one, the response above first.
+    choices: list[ChoicePublic] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class Usage(BaseModel):
@@ -91,12 +100,30 @@ def response_text(job: Job, storage: Storage) -> str | None:
         raise KeyError(job.response_uri) from None
 
 
+def choice_texts(job: Job, storage: Storage) -> list[str]:
+    """The texts of a job's further samples (n > 1), from its row or object storage; raises
+    as `response_text` does."""
+    texts = []
+    for choice in job.choices or []:
+        if "text" in choice:
+            texts.append(choice["text"])
+            continue
+        data = storage.get_bytes(choice["uri"])
+        try:
+            texts.append(data.decode())
+        except UnicodeDecodeError:
+            raise KeyError(choice["uri"]) from None
+    return texts
+
+
 def job_public(job: Job, storage: Storage) -> JobPublic:
     text: str | None = None
+    others: list[str] = []
     error: ErrorPublic | None = None
     if job.status == JobStatus.succeeded:
         try:
             text = response_text(job, storage)
+            others = choice_texts(job, storage)
         except KeyError:
             # The job did succeed, and its usage and cost stand; only the text is lost, and
             # that for good, so the job still reads, saying so in place of its result.
@@ -131,7 +158,7 @@ def job_public(job: Job, storage: Storage) -> JobPublic:
         started_at=aware(job.started_at),
         finished_at=aware(job.finished_at),
         attempts=job.attempts,
-        result=job_result(job, text) if text is not None else None,
+        result=job_result(job, text, others) if text is not None else None,
         usage=usage,
         cost=cost,
         finish_reason=job.finish_reason,
@@ -142,9 +169,15 @@ def job_public(job: Job, storage: Storage) -> JobPublic:
     )
 
 
-def job_result(job: Job, text: str) -> JobResult:
-    if job.logprobs is None:
-        return JobResult(response=text)
-    return JobResult(
-        response=text, logprobs=LogprobsPublic.model_validate({"content": job.logprobs})
-    )
+def job_result(job: Job, text: str, others: list[str] | None = None) -> JobResult:
+    """The result as Workers AI shows it, with logprobs and every sample where asked for."""
+    logprobs = None
+    if job.logprobs is not None:
+        logprobs = LogprobsPublic.model_validate({"content": job.logprobs})
+    choices = None
+    if job.choices:
+        choices = [ChoicePublic(response=text, finish_reason=job.finish_reason)] + [
+            ChoicePublic(response=other, finish_reason=stored.get("finish_reason"))
+            for stored, other in zip(job.choices, others or [], strict=True)
+        ]
+    return JobResult(response=text, logprobs=logprobs, choices=choices)

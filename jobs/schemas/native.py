@@ -8,7 +8,13 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
 from jobs.response_format import schema_text
-from jobs.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SAMPLING_FIELDS, SamplingParams
+from jobs.sampling import (
+    MAX_SAMPLES,
+    MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
+    SAMPLING_FIELDS,
+    SamplingParams,
+)
 from jobs.schemas.base import RequestModel
 from jobs.tokenizer import ChatMessage
 
@@ -55,6 +61,8 @@ class JobCreate(RequestModel):
     # As OpenAI's chat: each token's log-probability, and its best alternatives.
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # As OpenAI's: this many samples of the one prompt, shown as `result.choices` where n > 1.
+    n: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = None
     # As OpenAI's: JSON that follows a schema, enforced while decoding (`jobs.response_format`).
     response_format: dict[str, Any] | None = None
     callback_url: Annotated[str, Field(max_length=2048)] | None = None

@@ -11,7 +11,13 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from jobs.errors import InvalidParameter
 from jobs.registry import ModelSpec
 from jobs.response_format import schema_text
-from jobs.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SAMPLING_FIELDS, SamplingParams
+from jobs.sampling import (
+    MAX_SAMPLES,
+    MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
+    SAMPLING_FIELDS,
+    SamplingParams,
+)
 from jobs.schemas.base import RequestModel
 from jobs.schemas.native import MAX_TEXT_CHARS
 from jobs.tokenizer import ChatMessage
@@ -60,7 +66,8 @@ class OpenAIBody(RequestModel):
     # DeepInfra's range: a seed fits a signed 64-bit integer.
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     user: str | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    # Samples of the one prompt, as OpenAI's `choices` (one prefill, seeds per sample).
+    n: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = None
     stream: Literal[False] | None = None
     lora: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     # JSON that follows a schema, enforced while decoding (`jobs.response_format`).

@@ -190,6 +190,12 @@ def test_retention_deletes_what_is_past_the_limit_and_nothing_else(
     # the limit; one cancelled past it; one queued for longer than the limit.
     old_job, old_key = succeeded_job(settings, storage, "old answer")
     recent_job, recent_key = succeeded_job(settings, storage, "recent answer")
+    # The old job's second sample (n = 2) was kept in storage too: it goes with the job.
+    sample_key = f"results/{old_job}.1.txt"
+    storage.put_bytes(sample_key, b"old second answer")
+    with session_scope(settings.database_url) as session:
+        choice = {"uri": sample_key, "finish_reason": "length", "completion_tokens": 3}
+        session.execute(update(Job).where(Job.id == old_job).values(choices=[choice]))
     with session_scope(settings.database_url) as session:
         cancelled = queries.cancel(session, make_job(session, settings)).id
         queued = make_job(session, settings).id
@@ -228,7 +234,7 @@ def test_retention_deletes_what_is_past_the_limit_and_nothing_else(
         "batches": {running, old_batch.id, recent_batch.id},
         "line_errors": old_batch.line_errors | recent_batch.line_errors,
         "files": {running_file, unused_file, *old_batch.files, *recent_batch.files},
-        "objects": {old_key, recent_key, running_key, running_file_key}
+        "objects": {old_key, sample_key, recent_key, running_key, running_file_key}
         | {*old_batch.keys, *recent_batch.keys, storage_key(unused_file)},
     }
     kept = {

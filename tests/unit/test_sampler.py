@@ -197,7 +197,15 @@ def test_every_sampling_parameter_is_a_column_or_named_as_none() -> None:
     )
     host_side = {"params", "vocab_size", "flags"}
     columns = {f.name for f in fields(batch)} - {"greedy", "rng_key", "step"} - host_side
-    not_columns = {"max_tokens", "seed", "stop", "logprobs", "top_logprobs", "response_format"}
+    not_columns = {
+        "max_tokens",
+        "seed",
+        "stop",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "n",
+    }
     assert columns == {f.name for f in fields(SamplingParams)} - not_columns
     assert batch.top_k.tolist() == [2, VOCAB] and batch.top_p.tolist() == [1.0, 1.0]
     assert batch.top_k.dtype == torch.int64 and batch.min_p.dtype == torch.float32

@@ -24,6 +24,13 @@ on the host from the matchers and copied over, and the logprobs stay those of th
 Each matcher then follows its row's token from the step's read-back; a row whose matcher has
 stopped is done ("stop"), one that reaches max_tokens first ends "length". A step of rows
 without one does no mask work at all.
+
+A row whose params ask for n > 1 samples is prefilled once: its slot is then copied into n-1
+more (`SlotCache.copy`), and each copy draws its own first token from the same prefill logits
+with a seed of its own (`jobs.sampling.sample_seed`; sample 0 keeps the row's seed, so it is
+the row with n=1). The samples then decode as rows of their own, each with its own grammar
+matcher, and end apart; the caller gets one result per key once the last one has ended (its
+`samples`). Such a row joins only when n slots are free.
 """
 
 import math
@@ -31,12 +38,12 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from jobs.sampling import SamplingParams
+from jobs.sampling import SamplingParams, sample_seed
 from jobs.tokenizer import MistralTokenizer, TokenLogprob
 from worker.engine.batching import plan_groups
 from worker.engine.grammar import (
@@ -80,6 +87,9 @@ class Generation:
     error: str | None = None  # why a FAILED row could not run; its batch mates ran on
     # One entry per token of `token_ids`, for a row that asked for logprobs; None otherwise.
     logprobs: list[TokenLogprob] | None = None
+    # Every sample of a row that asked for n > 1 (sample 0 first, whose fields are the
+    # Generation's own, unless a sample was cancelled or failed); None for one sample.
+    samples: "list[Generation] | None" = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,24 @@ OnFinish = Callable[[Hashable, Generation], None]
 Dropped = Callable[[], Collection[Hashable]]
 # Told of each decode step: the rows it decoded and its seconds (for metrics and benchmarks).
 OnStep = Callable[[int, float], None]
+
+
+class _Samples:
+    """The results of one key's samples, gathered until the last of them ends."""
+
+    def __init__(self, n: int) -> None:
+        self.results: list[Generation | None] = [None] * n
+
+    def add(self, index: int, generation: Generation) -> Generation | None:
+        """Note a sample's result; the key's whole result once every sample has one."""
+        self.results[index] = generation
+        done = [result for result in self.results if result is not None]
+        if len(done) < len(self.results):
+            return None
+        # A sample cancelled or failed ends its key so: the caller sees that sample's ending
+        # (a cancelled key's earlier samples were not wanted either).
+        ended = [result for result in done if result.finish_reason in (CANCELLED, FAILED)]
+        return replace(ended[0] if ended else done[0], samples=done)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
@@ -130,6 +158,21 @@ class _Row:
         # The longest stop string in UTF-8 bytes: every token adds at least one byte to the
         # text, so a stop string that ends in the newest token lies within that many tokens.
         self.stop_bytes = max((len(stop.encode()) for stop in self.params.stop), default=0)
+        # Which sample of its key this row is, and where the key's samples gather (None for
+        # a row of one sample).
+        self.sample = 0
+        self.samples: _Samples | None = None
+
+    def sample_row(self, index: int) -> "_Row":
+        """Sample `index` of this freshly prefilled row: the same prompt and settings, its own
+        seed (a random one where the row has none), and a copy of its fresh grammar matcher."""
+        seed = self.params.seed
+        params = replace(self.params, seed=None if seed is None else sample_seed(seed, index))
+        row = _Row(NewRow(self.key, self.prompt, params, self.adapter), self.budget)
+        row.sample, row.samples = index, self.samples
+        if self.grammar is not None:
+            row.grammar = self.grammar.deep_copy()
+        return row
 
     def accept(self, token: int, eos_id: int, decode: Decode) -> None:
         if token == eos_id:
@@ -407,7 +450,7 @@ class _Batch:
         if not rows:
             return
         live = set(range(len(self.rows)))  # the loop retires finished rows before admitting
-        final = len(live) + len(rows)
+        final = len(live) + sum(row.params.n for row in rows)  # a slot per sample
         free = [slot for slot in range(final) if slot not in live]
         joining = []
         groups = plan_groups(rows, lambda row: len(row.prompt), PREFILL_MAX_PADDING, min_rows=1)
@@ -415,7 +458,9 @@ class _Batch:
         self._reserve(max(len(group[-1].prompt) + max(r.budget for r in group) for group in groups))
         for group in groups:
             targets, free = free[: len(group)], free[len(group) :]
-            joining.append(self._prefill(group, targets))
+            copies = sum(row.params.n - 1 for row in group)
+            sample_slots, free = free[:copies], free[copies:]
+            joining.append(self._prefill(group, targets, sample_slots))
         self._arrange(live, final, joining)
 
     def _setup(self, new: NewRow) -> _Row:
@@ -428,6 +473,8 @@ class _Batch:
             if min(row.prompt) < 0 or max(row.prompt) >= self.vocab:
                 raise ValueError(f"a prompt token is outside the vocabulary of {self.vocab}")
             _Sampling.check(row.params, self.vocab, self.device)
+            if row.params.n > self.slots:
+                raise ValueError(f"n={row.params.n} samples need as many slots, of {self.slots}")
             if row.params.logprobs and self.vocab > _EXACT_FLOAT_IDS:
                 raise ValueError(f"logprobs need a vocabulary below {_EXACT_FLOAT_IDS} tokens")
             if row.params.logprobs and self.vocab > self.tokenizer.vocab_size:
@@ -447,7 +494,9 @@ class _Batch:
             except Exception as exc:  # the grammar tokenizer itself: this row fails, not its batch
                 row.fail(f"{ERROR_CODE}: no grammar could be made: {exc}")
         if row.finish is not None:
-            self.unseated.append(row)
+            self.unseated.append(row)  # reported alone: it makes no samples
+        elif row.params.n > 1:
+            row.samples = _Samples(row.params.n)
         return row
 
     def _grammar_set(self) -> Grammars:
@@ -455,7 +504,9 @@ class _Batch:
             self._grammars = grammars_for(self.tokenizer, self.vocab)
         return self._grammars
 
-    def _prefill(self, group: list[_Row], slots: list[int]) -> _Joining:
+    def _prefill(self, group: list[_Row], slots: list[int], sample_slots: list[int]) -> _Joining:
+        """Prefill `group` into `slots`; the further samples of its rows that ask for n > 1
+        take `sample_slots`, copied from their rows' slots."""
         assert self.cache is not None
         started = time.perf_counter()
         width = max(len(row.prompt) for row in group)
@@ -484,12 +535,47 @@ class _Batch:
             asking_index = self._rows_index(asking, len(group))
             _capture_logprobs(group, asking, asking_index, logits, tokens)
         joining = _Joining(group, slots, [width - n for n in lengths], width, sampling, tokens)
-        for row, token in zip(group, tokens.tolist(), strict=True):
+        if sample_slots:  # before the rows' matchers follow their first tokens
+            joining = self._add_samples(joining, sample_slots, logits, input_ids, real)
+        for row, token in zip(joining.rows, joining.tokens.tolist(), strict=True):
             row.accept(token, self.eos_id, self.decode)
         elapsed = time.perf_counter() - started
         for row in group:  # the prefill's time, shared by prompt tokens
             row.seconds += elapsed * len(row.prompt) / sum(lengths)
         return joining
+
+    def _add_samples(
+        self,
+        joining: _Joining,
+        slots: list[int],
+        logits: torch.Tensor,
+        input_ids: torch.Tensor,
+        real: torch.Tensor,
+    ) -> _Joining:
+        """The prefilled rows with their further samples, one per slot of `slots`: each a copy
+        of its row's slot, with a first token drawn from its row's prefill logits by its own
+        seed (the sampler is vectorised: the logits are repeated, one line per sample)."""
+        assert self.cache is not None
+        lines = [line for line, row in enumerate(joining.rows) for _ in range(row.params.n - 1)]
+        samples = [
+            row.sample_row(index) for row in joining.rows for index in range(1, row.params.n)
+        ]
+        self.cache.copy([joining.slots[line] for line in lines], slots, joining.width)
+        index = torch.tensor(lines, device=self.device)
+        sampling = _Sampling.start(samples, self.vocab, self.device, input_ids[index], real[index])
+        own = logits[index]
+        matchers = _grammars(samples)
+        tokens = sampling.sample(mask_logits(own, matchers) if matchers else own)
+        if asking := _asking(samples):
+            _capture_logprobs(samples, asking, self._rows_index(asking, len(samples)), own, tokens)
+        return _Joining(
+            joining.rows + samples,
+            joining.slots + slots,
+            joining.first_columns + [joining.first_columns[line] for line in lines],
+            joining.width,
+            joining.sampling.extend(sampling),
+            torch.cat([joining.tokens, tokens]),
+        )
 
     def _reserve(self, columns: int) -> None:
         """A cache whose slots hold `columns` columns: the model's cache from earlier batches
@@ -567,7 +653,7 @@ class _Batch:
         leaving = self.unseated + [self.rows[slot] for slot in done]
         self.unseated = []
         for row, logprobs in zip(leaving, _read_logprobs(leaving, self.tokenizer), strict=True):
-            self.on_finish(row.key, row.result(self.decode, logprobs))
+            self._report(row, row.result(self.decode, logprobs))
         if not done:
             return
         assert self.cache is not None
@@ -582,8 +668,18 @@ class _Batch:
             self.asking, self.asking_index = (), None
             self.matchers = None
 
+    def _report(self, row: _Row, generation: Generation) -> None:
+        """Hand a row's result to the caller; a sample's waits for its key's other samples."""
+        if row.samples is not None:
+            whole = row.samples.add(row.sample, generation)
+            if whole is None:
+                return
+            generation = whole
+        self.on_finish(row.key, generation)
+
     def settle(self, dropped: Dropped | None) -> None:
-        """Stop the rows that `dropped` names, then let every finished row go."""
+        """Stop the rows that `dropped` names (every sample of a key), then let every
+        finished row go."""
         keys = dropped() if dropped is not None else ()
         for row in self.rows:
             if row.key in keys and row.finish is None:
@@ -653,11 +749,16 @@ def decode_rows(
     model), `slots` at a time (all of them by default); `on_finish` gets each row's result as
     soon as it ends. The adapters must be loaded (`LoraCache.ensure`).
 
+    A row whose params ask for n samples takes n slots (it waits until n are free; one that
+    asks for more than the batch has fails alone) and is prefilled once; its one result, once
+    every sample has ended, holds them in `samples`.
+
     Rows beyond the slots wait their turn; once none wait, `refill` is asked for more whenever
     slots are free (always with every slot free before the batch ends). Rows that `dropped`
-    names stop where they are, with the finish reason CANCELLED. With `compile`, the decode
-    step runs under torch.compile (`MBATCH_COMPILE`); `on_step` is told of every step."""
-    slots = slots if slots is not None else len(rows)
+    names stop where they are, every sample of them, with the finish reason CANCELLED. With
+    `compile`, the decode step runs under torch.compile (`MBATCH_COMPILE`); `on_step` is told
+    of every step."""
+    slots = slots if slots is not None else sum(row.params.n for row in rows)
     if slots < 1:
         if rows:
             raise ValueError("a batch with rows needs at least one slot")
@@ -667,7 +768,7 @@ def decode_rows(
     while True:
         if not waiting and refill is not None and batch.free:
             waiting.extend(refill(batch.free))  # any beyond the free slots wait their turn
-        joining = [waiting.popleft() for _ in range(min(batch.free, len(waiting)))]
+        joining = _take(waiting, batch.free, batch.slots)
         if joining:
             batch.admit(joining)
             batch.settle(dropped)
@@ -676,6 +777,19 @@ def decode_rows(
             return
         batch.step()
         batch.settle(dropped)
+
+
+def _take(waiting: deque[NewRow], free: int, slots: int) -> list[NewRow]:
+    """The waiting rows that join now, in order: as many as their samples find free slots. A
+    row asking for more samples than the batch has slots takes one, to fail when it joins."""
+    taken: list[NewRow] = []
+    while waiting:
+        need = waiting[0].params.n if waiting[0].params.n <= slots else 1
+        if need > free:
+            break
+        taken.append(waiting.popleft())
+        free -= need
+    return taken
 
 
 def generate(
@@ -697,7 +811,13 @@ def generate(
     ]
     results: dict[Hashable, Generation] = {}
     decode_rows(
-        loaded, rows, results.__setitem__, dropped=dropped, compile=compile, on_step=on_step
+        loaded,
+        rows,
+        results.__setitem__,
+        slots=sum(p.n for p in params),  # a slot per sample
+        dropped=dropped,
+        compile=compile,
+        on_step=on_step,
     )
     return [results[index] for index in range(len(rows))]
 

@@ -139,6 +139,26 @@ class SlotCache(Cache):
         for source_slot, target_slot in zip(sources, targets, strict=True):
             self.written[target_slot] = max(self.written[target_slot], columns)
             self.written[source_slot] = max(self.written[source_slot], columns)
+        self._copy_slots(sources, targets, columns)
+
+    def copy(self, sources: list[int], targets: list[int], columns: int) -> None:
+        """Start slots `targets` as copies of freshly prefilled slots `sources` (one source
+        per target, repeated as need be), whose rows wrote their first `columns` columns.
+
+        What a target held before, beyond them, becomes zero as a prefill would make it: each
+        source is zero past its `columns` (its prefill cleared the rest), so the copy spans as
+        far as any target was written."""
+        if not sources:
+            return
+        span = max(columns, *(self.written[slot] for slot in targets))
+        if span > self.max_len:
+            raise ValueError(f"a copy of {span} columns, in slots of {self.max_len}")
+        for target_slot in targets:
+            self.written[target_slot] = columns
+        self._copy_slots(sources, targets, span)
+
+    def _copy_slots(self, sources: list[int], targets: list[int], columns: int) -> None:
+        """Keys and values of slots `sources` into slots `targets`, their first `columns`."""
         source = torch.tensor(sources, device=self.device)
         target = torch.tensor(targets, device=self.device)
         for layer in self.slot_layers:

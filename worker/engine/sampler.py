@@ -29,9 +29,10 @@ from jobs.sampling import SamplingParams
 # field's own value, except for these few. Not columns: max_tokens (the decode loop's), seed
 # (it becomes the row's `rng_key`), stop (checked on the decoded text), logprobs and
 # top_logprobs (reported by the decode loop, from the raw logits: they never change a draw),
-# and response_format (the decode loop masks the logits before they reach the sampler).
+# response_format (the decode loop masks the logits before they reach the sampler) and n (the
+# decode loop makes a row per sample, each with a seed of its own).
 _NOT_COLUMNS = frozenset(
-    {"max_tokens", "seed", "stop", "logprobs", "top_logprobs", "response_format"}
+    {"max_tokens", "seed", "stop", "logprobs", "top_logprobs", "response_format", "n"}
 )
 # Columns that hold something other than the field's own value.
 _COLUMN_RULES: dict[str, Callable[[SamplingParams, int], float]] = {
