@@ -6,7 +6,6 @@ import json
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from decimal import Decimal
 from typing import Any, Final
 
 import pytest
@@ -27,7 +26,6 @@ from jobs.models import (
     WebhookAttempt,
     WebhookEvent,
 )
-from jobs.queries import Outcome
 from jobs.queue import InProcessQueue
 from jobs.schemas.batches import BatchCreate
 from jobs.settings import Settings
@@ -38,19 +36,11 @@ from jobs.webhooks.delivery import LEASE, RESPONSE_BYTES, deliver
 from jobs.webhooks.events import event_id
 from jobs.webhooks.signing import RETRY_SCHEDULE, new_secret
 from tests.factories import make_job
+from tests.integration.test_claims import OUTCOME
 from tests.receiver import Receiver
 
 MODEL = "tiny-random-mistral"
 CHAT: Final = "/v1/chat/completions"
-OUTCOME = Outcome(
-    completion_tokens=3,
-    finish_reason="length",
-    response_text="abc",
-    response_uri=None,
-    cost_input=Decimal("0.000001"),
-    cost_output=Decimal("0.000002"),
-    compute_seconds=0.5,
-)
 
 
 @pytest.fixture(scope="module")
