@@ -4,17 +4,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, DefaultJsonContentType, RefuseNul
 from api.openapi import install_openapi
 from api.routes.batches import router as batches_router
+from api.routes.completions import router as completions_router
 from api.routes.files import router as files_router
 from api.routes.health import router as health_router
 from api.routes.jobs import router as jobs_router
 from api.routes.loras import router as loras_router
+from api.routes.models import router as models_router
 from api.routes.schedules import router as schedules_router
 from api.routes.webhooks import router as webhooks_router
+from api.routes.workers_ai import router as workers_ai_router
+from api.waiting import READ_BLOCK_SECONDS
 from jobs.queue import CeleryJobQueue
 from jobs.settings import Settings, get_settings
 from jobs.storage import storage_from_settings
@@ -29,8 +34,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Clients are made once per process, at start-up.
         app.state.storage = storage_from_settings(settings)
         app.state.queue = CeleryJobQueue(settings)
+        # The sync and streaming interfaces read jobs' streams of text here (`api.waiting`).
+        app.state.redis = Redis.from_url(
+            settings.broker_url,
+            # A Redis that stops answering must not hold a wait past its deadline: a read
+            # blocks for at most READ_BLOCK_SECONDS, and the socket gives up soon after.
+            socket_timeout=READ_BLOCK_SECONDS + 2,
+            socket_connect_timeout=2,
+        )
         v1_tokenizer()
         yield
+        await app.state.redis.aclose()
 
     app = FastAPI(
         title="mbatch",
@@ -56,6 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batches_router,
         schedules_router,
         webhooks_router,
+        completions_router,
+        models_router,
+        workers_ai_router,
     ):
         app.include_router(router)
     install_openapi(app)

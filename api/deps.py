@@ -7,8 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis.asyncio import Redis
 from sqlalchemy.orm import Session
 
+from api.waiting import JobWaiter
 from jobs.db import get_session_factory, session_scope, unit_of_work
 from jobs.keys import authenticate
 from jobs.queue import JobQueue
@@ -67,6 +69,35 @@ def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue  # type: ignore[no-any-return]
 
 
+def get_redis(request: Request) -> Redis:
+    return request.app.state.redis  # type: ignore[no-any-return]
+
+
 StorageDep = Annotated[Storage, Depends(get_storage)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 IdempotencyKeyDep = Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)]
+
+
+def get_waiter_factory(
+    request: Request,
+    redis: RedisDep,
+    scope: ScopeDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+) -> Callable[[str], JobWaiter]:
+    """Makes the caller's wait for one of its jobs (`api.waiting`), which notices the caller
+    going away between its reads."""
+    return functools.partial(
+        JobWaiter,
+        redis,
+        scope,
+        storage,
+        owner,
+        timeout_seconds=settings.sync_timeout_seconds,
+        disconnected=request.is_disconnected,
+    )
+
+
+WaiterDep = Annotated[Callable[[str], JobWaiter], Depends(get_waiter_factory)]

@@ -6,16 +6,20 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.dialects import dialect_of
+from api.dialects.errors import error_content
+
 
 class BodyTooLarge(Exception):
     pass
 
 
 async def send_error(
-    send: Send, status: int, code: str, message: str, param: str | None = None
+    scope: Scope, send: Send, status: int, code: str, message: str, param: str | None = None
 ) -> None:
-    """An error answered from middleware, in the API's one error shape."""
-    body = json.dumps({"error": {"code": code, "message": message, "param": param}}).encode()
+    """An error answered from middleware, in the shape of the dialect its path speaks."""
+    status, content = error_content(dialect_of(scope.get("path", "")), status, code, message, param)
+    body = json.dumps(content).encode()
     await send(
         {
             "type": "http.response.start",
@@ -46,7 +50,7 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            await self._refuse(send, max_bytes)
+            await self._refuse(scope, send, max_bytes)
             return
         received = 0
 
@@ -62,11 +66,11 @@ class BodySizeLimit:
         try:
             await self.app(scope, counting_receive, send)
         except BodyTooLarge:
-            await self._refuse(send, max_bytes)
+            await self._refuse(scope, send, max_bytes)
 
-    async def _refuse(self, send: Send, max_bytes: int) -> None:
+    async def _refuse(self, scope: Scope, send: Send, max_bytes: int) -> None:
         message = f"the request body is over the {max_bytes}-byte limit"
-        await send_error(send, 413, "payload_too_large", message)
+        await send_error(scope, send, 413, "payload_too_large", message)
 
 
 class DefaultJsonContentType:
@@ -115,6 +119,6 @@ class RefuseNul:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (param := _nul_in(scope)) is not None:
             message = f"{param}: must not contain the NUL character"
-            await send_error(send, 422, "invalid_parameter", message, param)
+            await send_error(scope, send, 422, "invalid_parameter", message, param)
             return
         await self.app(scope, receive, send)

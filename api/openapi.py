@@ -1,11 +1,15 @@
 """The OpenAPI document, true to what the API answers: the bearer key, and the error responses
-each operation can give, all in the one `{"error": {code, message, param}}` shape."""
+each operation can give, in its dialect's shape (`api.dialects`): `{"error": {code, message,
+param, type}}`, or Cloudflare's envelope on the Workers AI paths."""
 
 from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
+
+from api.dialects import Dialect, dialect_of
+from api.dialects.workers_ai import CloudflareErrorResponse
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -18,6 +22,11 @@ class ErrorDetail(BaseModel):
     )
     message: str = Field(description="For people: what was wrong, with the value.")
     param: str | None = Field(description="The request field at fault, where there is one.")
+    type: str = Field(
+        default="invalid_request_error",
+        description="OpenAI's error type: `invalid_request_error`, `authentication_error`, "
+        "`not_found_error`, `rate_limit_error`, `api_error`...",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -30,12 +39,19 @@ DESCRIPTIONS = {
     400: "The body is not valid JSON, or not a readable multipart form.",
     401: "No API key, or one that is not valid.",
     404: "No such object among the key owner's.",
-    409: "The object is not in a state that allows this.",
+    409: "The object is not in a state that allows this (for an answer waited for: its job "
+    "was cancelled meanwhile).",
     410: "The file is on record, but its stored contents are gone.",
     413: "The request body is over its size limit.",
     422: "A parameter is missing, of the wrong type or out of range; `param` names it.",
+    502: "The job failed on its worker; `x-mbatch-job-id` names it.",
     503: "A service the API needs (database, storage) is down; try again later.",
+    504: "The job did not end within the sync timeout; it goes on: poll `GET /v1/jobs/{id}` "
+    "with the id in `x-mbatch-job-id`.",
 }
+# OpenAI's dialect answers a field out of range with its 400, never a 422.
+OPENAI_400 = "The body is not valid JSON, or a parameter is missing, of the wrong type or out of "
+OPENAI_400 += "range; `param` names it."
 
 RETRY_AFTER = {
     "Retry-After": {
@@ -62,6 +78,14 @@ READS_CONTENT = {
 }
 # Answered as raw bytes, not JSON.
 DOWNLOADS = {("get", "/v1/files/{file_id}/content")}
+# Answered while the caller waits for a job (`api.interactive`): it may be cancelled meanwhile
+# (409), fail on its worker (502) or not end within the sync timeout (504).
+WAITS = {
+    ("post", "/v1/jobs"),
+    ("post", "/ai/run/{model}"),
+    ("post", "/v1/chat/completions"),
+    ("post", "/v1/completions"),
+}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -102,13 +126,22 @@ def error_statuses(operation: dict[str, Any], key: tuple[str, str]) -> set[int]:
         statuses |= {400, 413}
     if parameters or body is not None or "422" in operation.get("responses", {}):
         statuses.add(422)
+    if key in WAITS:
+        statuses |= {409, 502, 504}
+    if dialect_of(key[1]) is Dialect.openai:
+        # OpenAI's 400 for a field out of range, and its 404 for a model it does not serve.
+        statuses = (statuses - {422}) | {400, 404}
     return statuses
 
 
-def error_response(status: int) -> dict[str, Any]:
+def error_response(status: int, dialect: Dialect) -> dict[str, Any]:
+    schema = "CloudflareErrorResponse" if dialect is Dialect.workers_ai else "ErrorResponse"
+    description = DESCRIPTIONS[status]
+    if dialect is Dialect.openai and status == 400:
+        description = OPENAI_400
     response: dict[str, Any] = {
-        "description": DESCRIPTIONS[status],
-        "content": {JSON: {"schema": {"$ref": REF_TEMPLATE.format(model="ErrorResponse")}}},
+        "description": description,
+        "content": {JSON: {"schema": {"$ref": REF_TEMPLATE.format(model=schema)}}},
     }
     if status == 503:
         response["headers"] = RETRY_AFTER
@@ -124,13 +157,16 @@ def document_errors(document: dict[str, Any]) -> None:
         for method, operation in item.items()
         if method in METHODS
     }
-    unknown = (CONFLICTS | REFERENCES | READS_CONTENT | DOWNLOADS) - operations.keys()
+    unknown = (CONFLICTS | REFERENCES | READS_CONTENT | DOWNLOADS | WAITS) - operations.keys()
     if unknown:
         raise RuntimeError(f"api/openapi.py names operations the API does not have: {unknown}")
     for key, operation in operations.items():
         responses = operation.setdefault("responses", {})
-        for status in error_statuses(operation, key):
-            responses[str(status)] = error_response(status)
+        statuses = error_statuses(operation, key)
+        if 422 not in statuses:  # FastAPI's own, where OpenAI's dialect answers a 400
+            responses.pop("422", None)
+        for status in statuses:
+            responses[str(status)] = error_response(status, dialect_of(key[1]))
         if key in DOWNLOADS:
             success = next(code for code in sorted(responses) if code.startswith("2"))
             responses[success]["content"] = {
@@ -141,7 +177,8 @@ def document_errors(document: dict[str, Any]) -> None:
     for operation in operations.values():
         _forms_refuse_empty_text(operation, schemas)
     _, definitions = models_json_schema(
-        [(ErrorResponse, "serialization")], ref_template=REF_TEMPLATE
+        [(ErrorResponse, "serialization"), (CloudflareErrorResponse, "serialization")],
+        ref_template=REF_TEMPLATE,
     )
     for name, schema in definitions["$defs"].items():
         if schemas.setdefault(name, schema) != schema:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Index,
     Integer,
     Numeric,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -38,6 +39,15 @@ class JobStatus(str, enum.Enum):
     @property
     def finished(self) -> bool:
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class Lane(int, enum.Enum):
+    """Which work a worker takes first when it fills or refills its batch: a caller who
+    waits for the answer, then native jobs, then the lines of file batches."""
+
+    interactive = 0
+    native = 1
+    file_batch = 2
 
 
 class ApiKey(Base):
@@ -82,6 +92,16 @@ class Job(Base):
         # A batch's lines that have not ended: whether a batch is done is one index probe,
         # however many of its lines have ended.
         Index("ix_jobs_batch_unfinished", "batch_id", **_where(BATCH_LINE_UNFINISHED)),
+        # The claim by lane and owner: the owners with queued work in a lane (one probe per
+        # owner), and each one's oldest queued jobs.
+        Index(
+            "ix_jobs_queued_lane_owner",
+            "model",
+            "lane",
+            "owner",
+            "created_at",
+            **_where(QUEUED),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -146,6 +166,12 @@ class Job(Base):
     # Where the request asked for n > 1 samples: samples 1..n-1 (sample 0 is the result
     # above), each `{"text" or "uri", "finish_reason", "completion_tokens", "logprobs"}`.
     choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
+    # The lane it is claimed from (`Lane`), and whether its text is streamed while it decodes
+    # (`jobs.streams`): set for the sync and streaming interfaces.
+    lane: Mapped[int] = mapped_column(
+        SmallInteger, default=Lane.native.value, server_default=text("1")
+    )
+    stream: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class CacheEntry(Base):

@@ -7,18 +7,33 @@ holder of the current claim, so it is recorded at most once.
 
 import secrets
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, String, case, cast, func, literal, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+    literal_column,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.orm import Session, aliased
 
 from jobs import cache
 from jobs.errors import NotFound
-from jobs.models import Batch, BatchStatus, Job, JobStatus
+from jobs.models import Batch, BatchStatus, Job, JobStatus, Lane
 from jobs.registry import MODELS
 from jobs.settings import CACHE_TTL_SECONDS
 from jobs.timeutil import utcnow
@@ -109,21 +124,252 @@ class Claim:
     token: str
 
 
+# The lanes a batch is filled from, in that order: interactive, native jobs, file-batch lines.
+LANES: tuple[int, ...] = tuple(lane.value for lane in Lane)
+# How many owners of each lane a claim looks at, unless told otherwise.
+OWNERS_PER_LANE = 16
+
+
+@dataclass
+class OwnerRotation:
+    """Where each lane's next look at its owners starts. A look takes at most
+    `owners_per_lane` owners, in the order of their names, starting after `start_after[lane]`
+    and going round to the first owner; when it took that many, the next one starts after the
+    last it took, so that with more owners than one look takes, each owner's turn comes. A
+    worker keeps one, in memory."""
+
+    owners_per_lane: int = OWNERS_PER_LANE
+    start_after: dict[int, str] = field(default_factory=dict)
+
+
 def is_queued(session: Session, job_id: str) -> bool:
     return session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.queued
 
 
-def count_queued(session: Session, model: str, at_most: int = 1) -> int:
-    """How many jobs of `model` are queued, counted no further than `at_most`: the cost stays
-    that of reading `at_most` index entries however long the queue (with the default, 1 or 0:
-    whether any job waits)."""
-    queued = (
-        select(Job.id)
-        .where(Job.model == model, Job.status == JobStatus.queued)
-        .limit(at_most)
-        .subquery()
+def queued_lane(session: Session, job_id: str) -> int | None:
+    """The lane of job `job_id` while it is queued; None once it is not (or never was)."""
+    return session.scalar(select(Job.lane).where(Job.id == job_id, Job.status == JobStatus.queued))
+
+
+# "Queued", written into the statement rather than sent as a parameter: the partial indexes
+# of queued jobs serve a statement only where its condition implies theirs, which a plan made
+# for any value of a parameter cannot (once psycopg prepares a statement it runs five times,
+# Postgres may choose such a generic plan, and a probe of the index becomes a read of the
+# table).
+QUEUED = Job.status == literal_column(f"'{JobStatus.queued.value}'")
+
+
+def _in_lanes(lanes: Sequence[int]) -> ColumnElement[bool]:
+    return Job.lane == lanes[0] if len(lanes) == 1 else Job.lane.in_(lanes)
+
+
+def count_queued(
+    session: Session, model: str, at_most: int = 1, lanes: Sequence[int] | None = None
+) -> int:
+    """How many jobs of `model` are queued (in `lanes`, or any), counted no further than
+    `at_most`: the cost stays that of reading `at_most` index entries however long the queue
+    (with the default, 1 or 0: whether any job waits). With `lanes`, it reads the partial
+    index of queued jobs by lane, so that a look at an empty interactive lane is one probe
+    even behind a million file-batch lines."""
+    queued = select(Job.id).where(Job.model == model, QUEUED)
+    if lanes is not None:
+        queued = queued.where(_in_lanes(lanes))
+    subquery = queued.limit(at_most).subquery()
+    return int(session.scalar(select(func.count()).select_from(subquery)) or 0)
+
+
+def _owner_scan(lane: int, part: int, after: bool, upto: bool) -> Select[Any]:
+    """A loose index scan: up to `:most` distinct owners with queued jobs of `:model` in
+    `lane`, in the order of their names: from the first, or after `:after_<lane>` (`after`),
+    or up to it, inclusive (`upto`). One probe of `ix_jobs_queued_lane_owner` per owner,
+    however many jobs each has queued: a recursive query whose every step asks for the next
+    owner name after the last."""
+    bound = bindparam(f"after_{lane}", type_=String)
+
+    def next_owner(last: Any) -> Any:
+        probe = select(Job.owner).where(
+            Job.model == bindparam("model", type_=String), QUEUED, Job.lane == lane
+        )
+        if upto:
+            probe = probe.where(Job.owner <= bound)
+        if last is not None:
+            probe = probe.where(Job.owner > last)
+        return probe.order_by(Job.owner).limit(1).scalar_subquery()
+
+    first = select(
+        next_owner(bound if after else None).label("owner"), literal_column("1").label("n")
     )
-    return int(session.scalar(select(func.count()).select_from(queued)) or 0)
+    scan = first.cte(f"owners_{lane}_{part}", recursive=True)
+    scan = scan.union_all(
+        select(next_owner(scan.c.owner), scan.c.n + 1).where(
+            scan.c.owner.is_not(None), scan.c.n < bindparam("most", type_=Integer)
+        )
+    )
+    return select(
+        literal_column(str(lane)).label("lane"),
+        literal_column(str(part)).label("part"),
+        scan.c.n,
+        scan.c.owner,
+    ).where(scan.c.owner.is_not(None))
+
+
+@lru_cache(maxsize=64)
+def _owners_statement(started: tuple[tuple[int, bool], ...]) -> Select[Any]:
+    """The look at the owners of the lanes in `started`, each from its first owner or, where
+    it has started before, after the last it took and then round to the first. Built once per
+    shape (the values are parameters), so that a claim spends no time building it."""
+    scans = []
+    for lane, start in started:
+        scans.append(_owner_scan(lane, 0, after=start, upto=False))
+        if start:  # round to the first owner, up to where this look started
+            scans.append(_owner_scan(lane, 1, after=False, upto=True))
+    return scans[0] if len(scans) == 1 else union_all(*scans)  # type: ignore[return-value]
+
+
+def queued_owners(
+    session: Session, model: str, lanes: Sequence[int], rotation: OwnerRotation
+) -> dict[int, list[str]]:
+    """The owners with queued jobs of `model` in each of `lanes`, at most
+    `rotation.owners_per_lane` a lane, starting where `rotation` says (and moving it on).
+    One statement, of at most two probes per owner returned."""
+    most = rotation.owners_per_lane
+    starts = {lane: rotation.start_after.get(lane) for lane in lanes}
+    statement = _owners_statement(tuple((lane, starts[lane] is not None) for lane in lanes))
+    values: dict[str, Any] = {"model": model, "most": most}
+    values |= {f"after_{lane}": start for lane, start in starts.items() if start is not None}
+    found: dict[int, list[str]] = {lane: [] for lane in lanes}
+    for lane, _, _, owner in sorted(tuple(row) for row in session.execute(statement, values)):
+        found[lane].append(owner)
+    for lane in lanes:
+        found[lane] = found[lane][:most]
+        if len(found[lane]) == most:
+            rotation.start_after[lane] = found[lane][-1]
+        else:
+            rotation.start_after.pop(lane, None)  # every owner was seen: start at the first
+    return found
+
+
+@dataclass(frozen=True)
+class _Take:
+    """The oldest `count` queued jobs of one owner in one lane, after those in `seen`."""
+
+    lane: int
+    owner: str
+    count: int
+    seen: tuple[Job, ...] = ()
+
+
+@lru_cache(maxsize=256)
+def _oldest_statement(after_seen: tuple[bool, ...], exclude: bool) -> Select[Any]:
+    """The oldest queued jobs of `:model` of each owner `:owner_<i>` in lane `:lane_<i>`, at
+    most `:count_<i>`, after `:last_<i>` (bar `:ties_<i>`) where `after_seen[i]`, and not
+    `:exclude`; locked, skipping the rows another claimer holds. Per owner, the head of its
+    range of `ix_jobs_queued_lane_owner`. Built once per shape, like `_owners_statement`."""
+    parts = []
+    for i, seen in enumerate(after_seen):
+        part = select(Job).where(
+            Job.model == bindparam("model", type_=String),
+            QUEUED,
+            Job.lane == bindparam(f"lane_{i}", type_=Integer),
+            Job.owner == bindparam(f"owner_{i}", type_=String),
+        )
+        if exclude:
+            part = part.where(Job.id != bindparam("exclude", type_=String))
+        if seen:
+            part = part.where(
+                Job.created_at >= bindparam(f"last_{i}", type_=Job.created_at.type),
+                Job.id.not_in(bindparam(f"ties_{i}", expanding=True, type_=String)),
+            )
+        parts.append(
+            part.order_by(Job.created_at)
+            .limit(bindparam(f"count_{i}", type_=Integer))
+            .with_for_update(skip_locked=True)
+        )
+    if len(parts) == 1:
+        return parts[0]
+    # FOR UPDATE may not stand beside UNION: each part locks its rows in a subquery of its own.
+    every = union_all(*(select(part.subquery()) for part in parts)).subquery()
+    return select(aliased(Job, every))
+
+
+def _oldest(session: Session, model: str, takes: list[_Take], exclude: str | None) -> list[Job]:
+    """The jobs `takes` ask for, locked (rows another claimer holds are skipped), in one
+    statement."""
+    if not takes:
+        return []
+    values: dict[str, Any] = {"model": model, "exclude": exclude}
+    for i, take in enumerate(takes):
+        values |= {f"lane_{i}": take.lane, f"owner_{i}": take.owner, f"count_{i}": take.count}
+        if take.seen:
+            # After the last job taken before (those created in the same instant excepted).
+            last = max(job.created_at for job in take.seen)
+            values[f"last_{i}"] = last
+            values[f"ties_{i}"] = [job.id for job in take.seen if job.created_at == last]
+    if exclude is None:
+        del values["exclude"]
+    statement = _oldest_statement(tuple(bool(t.seen) for t in takes), exclude is not None)
+    return list(session.scalars(statement, values))
+
+
+def queued_candidates(
+    session: Session,
+    model: str,
+    limit: int,
+    lanes: Sequence[int] = LANES,
+    lane_min: int | None = None,
+    rotation: OwnerRotation | None = None,
+    exclude: str | None = None,
+) -> list[Job]:
+    """Queued jobs of `model` to choose a batch among, locked for this transaction (rows
+    another claimer holds are skipped): about `limit` of them, from each lane in `lanes`
+    (in that order of priority) and each owner with work there, oldest first per owner.
+
+    The first lane with work may fill all `limit`; each lane after it gets at least
+    `lane_min` (all `limit` by default), and more when the lanes before it fall short. In a
+    lane, the owners share its part evenly, at least one job each, and owners with more jobs
+    fill in for those with fewer. Returned by lane, then owner (in the order the look took
+    them), then age.
+
+    Bounded whatever the queue's length: the owners of every lane in one statement (a loose
+    index scan of `ix_jobs_queued_lane_owner`, at most `rotation.owners_per_lane` a lane,
+    taking turns across claims where there are more), their oldest jobs in a second (the
+    head of each owner's range of the same index), and, where some owners fell short, those
+    of the others who had more in a third. SQLite runs the same statements, without the
+    locks."""
+    rotation = rotation if rotation is not None else OwnerRotation()
+    owners = queued_owners(session, model, lanes, rotation)
+    busy = [lane for lane in lanes if owners[lane]]
+    floor = limit if lane_min is None else min(lane_min, limit)
+    takes: list[_Take] = []
+    skipped: list[int] = []
+    for index, lane in enumerate(busy):
+        share = limit if index == 0 else floor
+        if share <= 0:
+            skipped.append(lane)
+            continue
+        each = max(1, -(-share // len(owners[lane])))
+        takes += [_Take(lane, owner, each) for owner in owners[lane]]
+    found = _oldest(session, model, takes, exclude)
+    short = limit - len(found)
+    if short > 0:
+        mine: dict[tuple[int, str], list[Job]] = {}
+        for job in found:
+            mine.setdefault((job.lane, job.owner), []).append(job)
+        # Owners that gave all they were asked for may have more; skipped lanes, everything.
+        more = [take for take in takes if len(mine.get((take.lane, take.owner), [])) == take.count]
+        more += [_Take(lane, owner, 0) for lane in skipped for owner in owners[lane]]
+        if more:
+            each = max(1, -(-short // len(more)))
+            again = [
+                _Take(t.lane, t.owner, each, tuple(mine.get((t.lane, t.owner), []))) for t in more
+            ]
+            found += _oldest(session, model, again, exclude)
+    rank = {
+        (lane, owner): (lanes.index(lane), n)
+        for lane in busy
+        for n, owner in enumerate(owners[lane])
+    }
+    return sorted(found, key=lambda job: (rank[job.lane, job.owner], job.created_at, job.id))
 
 
 def claim_batch(
@@ -134,37 +380,50 @@ def claim_batch(
     limit: int,
     first_id: str | None = None,
     choose: Callable[[list[Job]], list[Job]] | None = None,
+    lanes: Sequence[int] = LANES,
+    lane_min: int | None = None,
+    rotation: OwnerRotation | None = None,
 ) -> list[Claim]:
-    """Claim queued jobs of `model`: of the `limit` oldest (`first_id` first), those that
-    `choose` picks, or all of them.
+    """Claim queued jobs of `model`: of about `limit` candidates (`first_id` first, then
+    `queued_candidates` of `lanes`: by lane, owner and age), those that `choose` picks, or
+    the first `limit` of them.
 
     Rows locked by another claimer are skipped (Postgres `SKIP LOCKED`), so concurrent
     workers never claim the same job. Each claim counts as an attempt, and the jobs claimed
     together share a decode group id (`grp_...`). Its own transaction, committed here: a
     claim is a step of the job's state machine, visible to every worker at once.
 
-    Three statements whatever the queue's length: the message's job by primary key, the
-    oldest others through the `(model, status, created_at)` index, then one UPDATE of the
-    chosen rows that gives each its own token and returns the claimed rows whole.
+    A bounded number of statements whatever the queue's length: the message's job by primary
+    key, the candidates through `ix_jobs_queued_lane_owner` (two or three statements, see
+    `queued_candidates`), then one UPDATE of the chosen rows that gives each its own token
+    and returns the claimed rows whole.
     """
     candidates: list[Job] = []
-    others = select(Job).where(Job.model == model, Job.status == JobStatus.queued)
     if first_id is not None:
-        candidates.extend(
-            session.scalars(
-                others.where(Job.id == first_id).with_for_update(skip_locked=True)
-            ).all()
+        first = select(Job).where(
+            Job.id == first_id, Job.model == model, Job.status == JobStatus.queued
         )
-        others = others.where(Job.id != first_id)
+        if set(lanes) != set(LANES):
+            first = first.where(_in_lanes(lanes))
+        # The message's own job waits for a lock another holds rather than skip it: the
+        # submission that published the message may still hold its row for a moment (it
+        # notes when the message went out), and a job skipped then would have no message
+        # left to wake a worker for it. Another claimer that takes it commits it running,
+        # which this statement then sees, and leaves.
+        candidates.extend(session.scalars(first.with_for_update()).all())
     if limit > len(candidates):
         candidates.extend(
-            session.scalars(
-                others.order_by(Job.created_at)
-                .limit(limit - len(candidates))
-                .with_for_update(skip_locked=True)
-            ).all()
+            queued_candidates(
+                session,
+                model,
+                limit - len(candidates),
+                lanes=lanes,
+                lane_min=lane_min,
+                rotation=rotation,
+                exclude=first_id,
+            )
         )
-    chosen = choose(candidates) if choose is not None else candidates
+    chosen = choose(candidates) if choose is not None else candidates[:limit]
     if not chosen:
         session.commit()
         return []

@@ -13,7 +13,7 @@ from jobs import cache, queries
 from jobs.db import add_once
 from jobs.errors import Conflict, InvalidParameter
 from jobs.loras import adapter_for_job
-from jobs.models import Job, JobStatus
+from jobs.models import Job, JobStatus, Lane
 from jobs.queue import JobQueue
 from jobs.registry import ModelSpec, resolve_model
 from jobs.sampling import SamplingParams
@@ -44,6 +44,9 @@ class PreparedJob:
     idempotency_key: str | None = None
     # Answer it from the owner's result cache where it is deterministic (`jobs.cache`).
     cache: bool = False
+    # The lane it is claimed from, and whether its text streams while it decodes.
+    lane: Lane = Lane.native
+    stream: bool = False
 
 
 def job_id_for(owner: str, idempotency_key: str | None) -> str:
@@ -175,6 +178,8 @@ def submit_job(
         attempts=0,
         created_at=utcnow(),
         cache_key=cache_key,
+        lane=prepared.lane.value,
+        stream=prepared.stream,
     )
     if hit is not None:
         for name, value in hit.job_values(job_id, utcnow()).items():

@@ -71,8 +71,18 @@ class Settings(BaseSettings):
     # stops waiting sooner once no job has arrived for batch_quiet_ms.
     batch_wait_ms: NotNegative = 1000
     batch_quiet_ms: NotNegative = 100
-    # A batch is chosen among this many times max_batch_size of the oldest queued jobs.
+    # A batch is chosen among this many times max_batch_size of the queued jobs (each lane's
+    # owners' oldest, `jobs.queries.queued_candidates`).
     claim_lookahead: AtLeastOne = 4
+    # Lanes (interactive, native jobs, file-batch lines) fill a batch in that order, but each
+    # keeps at least this fraction of max_batch_size while it has work, so that none starves.
+    lane_min_share: Annotated[float, Field(ge=0, le=1)] = 0.1
+    # Slots of a refilled batch that native jobs and file-batch lines never fill, so that an
+    # interactive job finds one free at once (at most half of max_batch_size are kept).
+    interactive_slots: NotNegative = 2
+    # Within a lane, owners take turns by the tokens they were given; a claim looks at this
+    # many owners of each lane, the next claim starting after the last one it looked at.
+    claim_owners: AtLeastOne = 16
     # Split a claimed batch where padding would pass this multiple of the prompt tokens.
     max_padding: Annotated[float, Field(ge=0)] = 2.0
     lease_seconds: AtLeastOne = 900
@@ -112,8 +122,18 @@ class Settings(BaseSettings):
     # A running batch claims more queued jobs of its model as its rows finish, so that its
     # slots stay full; false runs each claimed batch to its end first (for comparison).
     refill: bool = True
+    # Rows refilled together join a running batch a prefill of about this many prompt tokens
+    # at a time, with a decode step between two: its rows (and a caller waiting for a first
+    # token) never wait for one long prefill of a whole wave.
+    prefill_chunk_tokens: AtLeastOne = 512
     # The decode step runs under torch.compile (CUDA graphs on a GPU).
     compile: bool = False
+
+    # Sync and streaming answers (`/ai/run`, `/v1/chat/completions`, `stream: true`): how
+    # long the API waits for a job before it answers 504 with the job's id, to poll instead.
+    sync_timeout_seconds: PositiveSeconds = 300.0
+    # How long a job's stream of text stays in Redis after its last event.
+    stream_ttl_seconds: PositiveSeconds = 600.0
 
     @field_validator("storage_url")
     @classmethod
@@ -170,6 +190,8 @@ def _reason(error: Any) -> str:
         return f"must be at least {ctx['ge']:g}"
     if error["type"] == "greater_than":
         return f"must be more than {ctx['gt']:g}"
+    if error["type"] == "less_than_equal":
+        return f"must be at most {ctx['le']:g}"
     if error["type"] == "value_error":
         return str(ctx["error"])
     return str(error["msg"])

@@ -2,7 +2,7 @@
 which the timer threads renew and watch while the decode loop runs it."""
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from jobs.queries import Claim
@@ -65,6 +65,13 @@ class RunningClaims:
         with self._lock:
             if self._running and self._running[0] is running[0]:
                 self._lost = frozenset(lost)
+
+    def dropped_keys(self, rows: Mapping[int, ClaimedRow]) -> set[int]:
+        """The keys of the decoding `rows` whose jobs were lost: the decode loop drops them."""
+        lost = self._lost
+        if not lost:
+            return set()
+        return {key for key, row in rows.items() if row.claim.job.id in lost}
 
     def dropped(self, group: Sequence[ClaimedRow]) -> list[int]:
         """The indices of the group's rows whose jobs were lost: the decode loop drops them."""

@@ -50,3 +50,5 @@ def run_worker(model: str, weights: Path | None = None, loglevel: str = "INFO") 
         serve(app, worker_id, spec.queue, "solo", 1, loglevel)
     finally:
         runtime.timers.stop()
+        runtime.streams.close()
+        runtime.choice.signal.close()

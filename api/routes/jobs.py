@@ -1,6 +1,11 @@
-"""Native jobs: the Workers AI request schema, run asynchronously."""
+"""Native jobs: the Workers AI request schema, run asynchronously, or streamed to a caller who
+waits."""
+
+from functools import partial
 
 from fastapi import APIRouter, BackgroundTasks, Response, status
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import (
     IdempotencyKeyDep,
@@ -11,25 +16,62 @@ from api.deps import (
     SettingsDep,
     StorageDep,
 )
+from api.dialects.workers_ai import ResponseEvents
+from api.interactive import InteractiveDep, event_stream_response
 from jobs import batches, queries, service
+from jobs.queue import JobQueue
 from jobs.schemas.jobs import JobPublic, job_public
-from jobs.schemas.native import JobCreate
+from jobs.schemas.native import JobCreate, StreamableJobCreate
+from jobs.settings import Settings
+from jobs.storage import Storage
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+STREAM = event_stream_response(
+    'With `stream: true`: `data: {"response": ...}` events, then `data: [DONE]`.'
+)
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
-def create_job(
-    body: JobCreate,
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={200: STREAM},
+)
+async def create_job(
+    body: StreamableJobCreate,
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
     owner: OwnerDep,
     queue: QueueDep,
     storage: StorageDep,
+    interactive: InteractiveDep,
     idempotency_key: IdempotencyKeyDep = None,
+) -> JobPublic | Response:
+    """Queue a prompt or chat job and answer its id; with `stream: true`, stream its text."""
+    if body.stream:
+        submission = await interactive.submit(
+            partial(service.prepare_native, body, settings),
+            stream=True,
+            idempotency_key=idempotency_key,
+        )
+        return await interactive.stream(submission, ResponseEvents())
+    return await run_in_threadpool(
+        _queue_job, body, response, session, settings, owner, queue, storage, idempotency_key
+    )
+
+
+def _queue_job(
+    body: JobCreate,
+    response: Response,
+    session: Session,
+    settings: Settings,
+    owner: str,
+    queue: JobQueue,
+    storage: Storage,
+    idempotency_key: str | None,
 ) -> JobPublic:
-    """Queue a prompt or chat job; answers at once with its id."""
     prepared = service.prepare_native(body, settings)
     job, created = service.submit_job(
         session, queue, owner, prepared, idempotency_key, storage=storage

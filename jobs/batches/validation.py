@@ -21,7 +21,7 @@ from jobs.batches.lines import InvalidLine, LineChecker, ValidLine, check_file, 
 from jobs.batches.steps import STEP_LEASE, SessionScope, Step, step_guard, take_step
 from jobs.batches.store import STEP_RESET, line_job_id
 from jobs.db import insert_ignoring_duplicates
-from jobs.models import Batch, BatchStatus, FileObject, Job, JobStatus, LineError
+from jobs.models import Batch, BatchStatus, FileObject, Job, JobStatus, Lane, LineError
 from jobs.queue import JobQueue
 from jobs.registry import resolve_model
 from jobs.settings import Settings
@@ -60,6 +60,7 @@ def _job_row(batch: Batch, line: ValidLine) -> dict[str, Any]:
         "batch_id": batch.id,
         "custom_id": line.custom_id,
         "line": line.line,
+        "lane": Lane.file_batch.value,
     }
 
 

@@ -1,7 +1,7 @@
 """The native job request: exactly the Workers AI text-generation input schema, plus extensions."""
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -73,6 +73,11 @@ class JobCreate(RequestModel):
     # Answer it from the owner's result cache where deterministic (`jobs.cache`).
     cache: bool = False
 
+    # Whether `stream: true` is taken: a body answered while its caller waits may stream
+    # (`StreamableJobCreate`); one kept to run later (a schedule's job, a file's line) may
+    # not, as nobody is there to read its stream.
+    can_stream: ClassVar[bool] = False
+
     @model_validator(mode="after")
     def _one_input(self) -> "JobCreate":
         if self.prompt is None and self.messages is None:
@@ -84,10 +89,25 @@ class JobCreate(RequestModel):
         if self.functions:
             raise InvalidParameter("functions", "...", "function calling is not supported")
         if self.stream:
-            raise InvalidParameter(
-                "stream", True, "queued jobs do not stream; poll or use a webhook"
-            )
+            self._check_stream()
         return self
+
+    def _check_stream(self) -> None:
+        if not self.can_stream:
+            raise InvalidParameter(
+                "stream", True, "a job kept to run later does not stream; poll or use a webhook"
+            )
+        if self.run_at is not None:
+            raise InvalidParameter("run_at", str(self.run_at), "a streamed job runs now")
+        # One text streams: samples and log-probabilities have no place in its events.
+        if self.n is not None and self.n > 1:
+            raise InvalidParameter("n", self.n, "one sample streams; ask for n > 1 without stream")
+        if self.logprobs:
+            raise InvalidParameter("logprobs", True, "log-probabilities are not streamed")
+        if self.top_logprobs is not None:
+            raise InvalidParameter(
+                "top_logprobs", self.top_logprobs, "log-probabilities are not streamed"
+            )
 
     @field_validator("metadata")
     @classmethod
@@ -138,3 +158,25 @@ class JobCreate(RequestModel):
         if self.messages is not None:
             return {"messages": [m.model_dump() for m in self.messages]}
         return {"prompt": self.prompt, "raw": self.raw}
+
+
+class StreamableJobCreate(JobCreate):
+    """`POST /v1/jobs`: either `prompt` or `messages`, with Workers AI's sampling fields; with
+    `stream: true` the job's text is answered as server-sent events while the caller waits."""
+
+    can_stream = True
+
+
+class WorkersAiInput(StreamableJobCreate):
+    """`POST /ai/run/{model}`: the Workers AI input schema (and our extensions), answered while
+    the caller waits; the model is the one the path names."""
+
+    @model_validator(mode="after")
+    def _answered_now(self) -> "WorkersAiInput":
+        # What defers a job makes no sense for an answer the caller waits for.
+        for name in ("callback_url", "run_at"):
+            if getattr(self, name) is not None:
+                raise InvalidParameter(
+                    name, str(getattr(self, name)), "/ai/run answers now; use POST /v1/jobs"
+                )
+        return self

@@ -1,4 +1,5 @@
-"""OpenAI-format request bodies (chat completions and completions), as batch lines carry them.
+"""OpenAI-format request bodies (chat completions and completions), as batch lines and the
+sync routes (`POST /v1/chat/completions`, `POST /v1/completions`) carry them.
 
 Ranges follow OpenAI and DeepInfra; like the native schema, a body converts itself into the
 internal `SamplingParams` through `SamplingParams.resolve`, after its own dialect's rules.
@@ -46,6 +47,13 @@ class OpenAIMessage(RequestModel):
         return "".join(part.text for part in self.content)
 
 
+class StreamOptions(RequestModel):
+    model_config = ConfigDict(extra="ignore")
+
+    # A last chunk with `usage` (and no choices) before `data: [DONE]`.
+    include_usage: bool | None = None
+
+
 class OpenAIBody(RequestModel):
     """Fields shared by both endpoints; unknown OpenAI fields are ignored, as OpenAI's
     compatible servers do, so existing files run unchanged."""
@@ -68,7 +76,9 @@ class OpenAIBody(RequestModel):
     user: str | None = None
     # Samples of the one prompt, as OpenAI's `choices` (one prefill, seeds per sample).
     n: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = None
-    stream: Literal[False] | None = None
+    # Answered as server-sent chunks (the sync routes; a batch line cannot stream).
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
     lora: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     # JSON that follows a schema, enforced while decoding (`jobs.response_format`).
     response_format: dict[str, Any] | None = None
@@ -78,6 +88,20 @@ class OpenAIBody(RequestModel):
     def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         schema_text(value)  # raises InvalidParameter naming response_format
         return value
+
+    @model_validator(mode="after")
+    def _one_stream(self) -> "OpenAIBody":
+        # One text streams: samples and log-probabilities have no place in its chunks.
+        if self.stream and self.n is not None and self.n > 1:
+            raise InvalidParameter("n", self.n, "one sample streams; ask for n > 1 without stream")
+        if self.stream and self.logprob_settings().get("logprobs"):
+            raise InvalidParameter("logprobs", "...", "log-probabilities are not streamed")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def to_sampling_params(self, spec: ModelSpec) -> SamplingParams:
         # Each endpoint names its logprobs fields its own way (`logprob_settings`).
@@ -146,6 +170,10 @@ class BatchLine(RequestModel):
         return self
 
     def parsed_body(self) -> ChatCompletionBody | CompletionBody:
+        if self.body.get("stream") is True:
+            raise InvalidParameter(
+                "stream", True, "a batch line does not stream: its answer goes to the output file"
+            )
         if self.url == CHAT_ENDPOINT:
             return ChatCompletionBody.model_validate(self.body)
         return CompletionBody.model_validate(self.body)

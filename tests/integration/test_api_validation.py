@@ -115,7 +115,7 @@ def test_text_over_the_length_limit_is_422(client: TestClient, alice: dict[str, 
         ({**PROMPT, "stop": ["ok", "a\u0000"]}, 422, "stop"),
         ({"messages": [{"role": "user", "content": "\udfff"}]}, 422, "messages[0].content"),
         ({**PROMPT, "lora": "a\u0000"}, 422, "lora"),
-        ({**PROMPT, "stream": True}, 422, "stream"),
+        ({**PROMPT, "stream": True, "n": 2}, 422, "n"),
         ({**PROMPT, "lora": "no-such-adapter"}, 422, "lora"),
         ({**PROMPT, "model": "mistral-7b-instruct-v0.1-awq", "lora": "x"}, 422, "lora"),
         (

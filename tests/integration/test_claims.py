@@ -2,7 +2,6 @@
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
@@ -34,17 +33,6 @@ OUTCOME = Outcome(
     compute_seconds=0.5,
 )
 MODEL = "tiny-random-mistral"
-
-
-@pytest.fixture
-def db(api_settings: Settings) -> Iterator[Session]:
-    session = get_session_factory(api_settings.database_url)()
-    # Earlier tests leave unfinished jobs in this database; start from none.
-    unfinished = (JobStatus.queued, JobStatus.running, JobStatus.scheduled)
-    session.query(Job).filter(Job.status.in_(unfinished)).update({"status": JobStatus.cancelled})
-    session.commit()
-    yield session
-    session.close()
 
 
 def test_a_result_is_recorded_once(db: Session, api_settings: Settings) -> None:
@@ -404,3 +392,24 @@ def test_the_straggler_wait_looks_at_the_queue_a_bounded_number_of_times(
     # Every 150 ms (batch_quiet_ms / 2): some 7 looks in the second, where 20 ms made 50.
     assert 1.0 <= took < 2.0
     assert 3 <= len(counts) <= 8, counts
+
+
+def test_the_message_job_is_claimed_while_its_submission_still_holds_its_row(
+    db: Session, api_settings: Settings
+) -> None:
+    """The submission publishes the message, then notes when it went out, an UPDATE of the
+    job's row: a worker as quick as the message must wait for that row, not skip it (no other
+    message would come for the job)."""
+    job = make_job(db, api_settings)
+    db.commit()
+    holder = get_session_factory(api_settings.database_url)()
+    queries.mark_enqueued(holder, [job.id])  # the row is locked until `holder` commits
+    holder.flush()
+    threading.Timer(0.5, holder.commit).start()
+    claimer = get_session_factory(api_settings.database_url)()
+    try:
+        claims = queries.claim_batch(claimer, MODEL, "quick-worker", 30, 1, first_id=job.id)
+    finally:
+        claimer.close()
+        holder.close()
+    assert [claim.job.id for claim in claims] == [job.id]

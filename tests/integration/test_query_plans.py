@@ -79,6 +79,13 @@ ROWS = (
         },
     ),
     (3000, "other", {"status": "'queued'", "model": f"'{OTHER_MODEL}'"}),
+    # The lanes: many owners' file-batch lines, and a few interactive jobs.
+    (
+        10000,
+        "bulk",
+        {"status": "'queued'", "lane": "2", "owner": "'owner' || mod(g, 40)", "line": "g"},
+    ),
+    (30, "inter", {"status": "'queued'", "lane": "0", "owner": "'caller' || mod(g, 5)"}),
     # Running: most renewing their leases, some whose worker died.
     (
         1000,
@@ -112,6 +119,7 @@ ROWS = (
         "line",
         {
             "status": "(ARRAY['queued', 'succeeded', 'running'])[1 + mod(g, 3)]",
+            "lane": "2",
             "batch_id": f"'{BATCH_ID}'",
             "line": "g",
             "claim_token": "'t' || g",
@@ -126,7 +134,7 @@ ROWS = (
 COPIED = (
     "owner model lora lora_id status input sampling metadata callback_url created_at run_at "
     "enqueued_at finished_at attempts claim_token lease_expires_at batch_id line prompt_tokens "
-    "completion_tokens cost_input cost_output"
+    "completion_tokens cost_input cost_output lane"
 ).split()
 
 
@@ -213,7 +221,31 @@ HOT: dict[str, Hot] = {
             s, MODEL, "w", 60, 128, first_id="live_20000", choose=lambda jobs: jobs[:32]
         )
     ),
+    # A worker's claim: every lane's owners (a loose index scan of the lane index, going
+    # round after the owner it started from), then each one's oldest jobs.
+    "claim by lanes and owners' turns": Hot(
+        lambda s, _: queries.claim_batch(
+            s,
+            MODEL,
+            "w",
+            60,
+            128,
+            choose=lambda jobs: jobs[:32],
+            lane_min=16,
+            rotation=queries.OwnerRotation(16, {0: "caller2", 2: "owner17"}),
+        )
+    ),
+    # A refill when only the interactive slots are free: the lane alone, then one probe a step.
+    "claim from the interactive lane": Hot(
+        lambda s, _: queries.claim_batch(
+            s, MODEL, "w", 60, 8, choose=lambda jobs: jobs[:2], lanes=(0,), lane_min=4
+        )
+    ),
     "count_queued": Hot(lambda s, _: queries.count_queued(s, MODEL, at_most=32)),
+    "count_queued of the interactive lane": Hot(
+        lambda s, _: queries.count_queued(s, MODEL, lanes=(0,))
+    ),
+    "queued_lane": Hot(lambda s, _: queries.queued_lane(s, "bulk_17")),
     "is_queued": Hot(lambda s, _: queries.is_queued(s, "live_19000")),
     "due_for_publish": Hot(lambda s, _: queries.due_for_publish(s, 600, 32)),
     "forget_enqueued": Hot(lambda s, _: queries.forget_enqueued(s, ["unpub_1", "unpub_2"])),

@@ -1,13 +1,12 @@
 """A worker's batch refilled from the queue as its rows finish, against real Postgres."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
 
-from jobs.db import get_session_factory, session_scope
-from jobs.models import Job, JobStatus
+from jobs.db import session_scope
+from jobs.models import JobStatus
 from jobs.queue import InProcessQueue
 from jobs.registry import resolve_model
 from jobs.settings import Settings
@@ -22,17 +21,6 @@ MODEL = "tiny-random-mistral"
 @pytest.fixture(scope="module")
 def loaded(models_dir: Path) -> LoadedModel:
     return load_model(resolve_model(MODEL), Settings(models_dir=models_dir))
-
-
-@pytest.fixture
-def db(api_settings: Settings) -> Iterator[Session]:
-    session = get_session_factory(api_settings.database_url)()
-    # Earlier tests leave unfinished jobs in this database; start from none.
-    unfinished = (JobStatus.queued, JobStatus.running, JobStatus.scheduled)
-    session.query(Job).filter(Job.status.in_(unfinished)).update({"status": JobStatus.cancelled})
-    session.commit()
-    yield session
-    session.close()
 
 
 def runtime(settings: Settings, loaded: LoadedModel, tmp_path: Path) -> WorkerRuntime:

@@ -130,3 +130,74 @@ def test_a_dropped_row_leaves_and_a_refilled_one_takes_its_slot(loaded: LoadedMo
     assert results["row-0"].finish_reason == "cancelled" and len(results["row-0"].token_ids) == 4
     for row in long_rows[1:]:
         assert results[row.key].token_ids == hf_greedy(loaded, list(row.prompt), 16), row.key
+
+
+def test_rows_join_a_prefill_budget_at_a_time_with_steps_between(loaded: LoadedModel) -> None:
+    """A wave of rows joins a prompt-token budget at a time, the running rows stepping
+    between two prefills; each row's tokens are those it has alone."""
+    rng = random.Random(5)
+    rows = [
+        NewRow(
+            f"wave-{i}",
+            random_prompt(loaded, rng, 20),
+            # Greedy and seeded rows: what each draws does not depend on its batch mates.
+            SamplingParams(max_tokens=6, temperature=0 if i % 2 else 0.8, seed=i + 1),
+        )
+        for i in range(6)
+    ]
+    budget = max(len(row.prompt) for row in rows)  # one row a prefill, or two short ones
+
+    def run(prefill_tokens: int | None) -> tuple[list[int], dict[Hashable, Generation]]:
+        steps: list[int] = []
+        recorder = Recorder()
+        decode_rows(
+            loaded,
+            rows,
+            recorder.on_finish,
+            slots=len(rows),
+            on_step=lambda count, _seconds: steps.append(count),
+            prefill_tokens=prefill_tokens,
+        )
+        return steps, recorder.results
+
+    whole_steps, whole = run(None)
+    chunked_steps, chunked = run(budget)
+    assert whole_steps[0] == len(rows)  # every row prefilled before the first step
+    assert chunked_steps[0] < len(rows)  # the first rows step while the others join
+    assert max(chunked_steps) <= len(rows)
+    for row in rows:
+        assert chunked[row.key].token_ids == whole[row.key].token_ids
+
+
+def test_a_row_refilled_while_a_wave_joins_goes_ahead_of_it(loaded: LoadedModel) -> None:
+    """While a wave of rows joins a prefill budget at a time, the refill is asked for the
+    slots the wave does not take, and what it gives (an interactive job) joins next."""
+    rng = random.Random(9)
+
+    def row(key: str, max_tokens: int) -> NewRow:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        return NewRow(key, random_prompt(loaded, rng, 20), params, stream=True)
+
+    wave = [row(f"wave-{i}", 12) for i in range(6)]
+    recorder = Recorder([row("urgent", 4)])
+    seen: dict[Hashable, int] = {}  # the loop iteration at which each row was first decoding
+    iterations = 0
+
+    def on_tokens(streaming: list[tuple[Hashable, Sequence[int]]]) -> None:
+        nonlocal iterations
+        iterations += 1
+        for key, _tokens in streaming:
+            seen.setdefault(key, iterations)
+
+    decode_rows(
+        loaded,
+        wave,
+        recorder.on_finish,
+        slots=8,
+        refill=recorder.refill,
+        on_tokens=on_tokens,
+        prefill_tokens=1,  # one row a prefill
+    )
+    assert recorder.asked[0] == 2  # the slots the wave does not take, asked at once
+    assert seen["urgent"] < seen["wave-5"]
+    assert set(recorder.results) == {"urgent", *(r.key for r in wave)}

@@ -18,8 +18,12 @@ def select_batch(
     max_batch_tokens: int,
     adapter: Callable[[T], str | None] = lambda _: None,
     max_adapters: int | None = None,
+    tier: Callable[[T], int] = lambda _: 0,
+    bulk: Callable[[T], bool] = lambda _: False,
+    max_bulk: int | None = None,
 ) -> list[T]:
-    """The first candidate (the oldest, or the one a message names) and the candidates whose
+    """The first candidate (the first in the lanes' and owners' turns, or the one a message
+    names) and the candidates whose
     prompt lengths are nearest to it, up to the batch size, the token budget and the number
     of distinct adapters.
 
@@ -27,6 +31,11 @@ def select_batch(
     neighbours by length keeps the batch's padding small. The budget is the most KV cache the
     batch can need: its rows times the longest prompt plus the longest max_tokens. A batch
     never needs more adapters than the worker keeps loaded at once.
+
+    Neighbours are taken by `tier` first (lower first: the lanes' and owners' turns,
+    `worker.fairness`), by length within a tier, so that the length never lets a lower tier
+    pass a higher one; and no more than `max_bulk` rows (the first included) for which
+    `bulk` holds (the slots kept for interactive jobs).
     """
     if not candidates:
         return []
@@ -34,10 +43,15 @@ def select_batch(
     length = prompt_tokens(anchor)
     chosen = [anchor]
     adapters = {adapter(anchor)} - {None}
+    bulk_rows = int(bulk(anchor))
     longest_prompt, longest_output = length, max_tokens(anchor)
-    for candidate in sorted(candidates[1:], key=lambda c: abs(prompt_tokens(c) - length)):
+    neighbours = sorted(candidates[1:], key=lambda c: (tier(c), abs(prompt_tokens(c) - length)))
+    for candidate in neighbours:
         if len(chosen) >= max_batch_size:
             break
+        is_bulk = bulk(candidate)
+        if is_bulk and max_bulk is not None and bulk_rows >= max_bulk:
+            continue
         prompt = max(longest_prompt, prompt_tokens(candidate))
         output = max(longest_output, max_tokens(candidate))
         # Padded, as the cache is laid out: every row as long as the longest of each part.
@@ -49,6 +63,7 @@ def select_batch(
                 continue
             adapters.add(name)
         chosen.append(candidate)
+        bulk_rows += is_bulk
         longest_prompt, longest_output = prompt, output
     return chosen
 

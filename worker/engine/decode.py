@@ -100,6 +100,8 @@ class NewRow:
     prompt: Sequence[int]
     params: SamplingParams
     adapter: str | None = None
+    # Its tokens are reported after every step (`OnTokens`), for its text to be streamed.
+    stream: bool = False
 
 
 # Called with the number of free slots; returns at most that many rows to start.
@@ -109,6 +111,9 @@ OnFinish = Callable[[Hashable, Generation], None]
 Dropped = Callable[[], Collection[Hashable]]
 # Told of each decode step: the rows it decoded and its seconds (for metrics and benchmarks).
 OnStep = Callable[[int, float], None]
+# Told after each step (and each prefill) of the streaming rows still decoding: each one's key
+# and its tokens so far. Called after the rows that ended were reported, even with no rows.
+OnTokens = Callable[[list[tuple[Hashable, Sequence[int]]]], None]
 
 
 class _Samples:
@@ -143,6 +148,7 @@ class _Row:
         self.prompt = list(new.prompt)
         self.params = new.params
         self.adapter = new.adapter or BASE
+        self.stream = new.stream
         self.budget = budget
         self.tokens: list[int] = []
         self.ended_by_eos = False
@@ -168,7 +174,7 @@ class _Row:
         seed (a random one where the row has none), and a copy of its fresh grammar matcher."""
         seed = self.params.seed
         params = replace(self.params, seed=None if seed is None else sample_seed(seed, index))
-        row = _Row(NewRow(self.key, self.prompt, params, self.adapter), self.budget)
+        row = _Row(NewRow(self.key, self.prompt, params, self.adapter, self.stream), self.budget)
         row.sample, row.samples = index, self.samples
         if self.grammar is not None:
             row.grammar = self.grammar.deep_copy()
@@ -677,6 +683,10 @@ class _Batch:
             generation = whole
         self.on_finish(row.key, generation)
 
+    def streaming(self) -> list[tuple[Hashable, Sequence[int]]]:
+        """The streaming rows still decoding, with their tokens so far."""
+        return [(row.key, row.tokens) for row in self.rows if row.stream and row.finish is None]
+
     def settle(self, dropped: Dropped | None) -> None:
         """Stop the rows that `dropped` names (every sample of a key), then let every
         finished row go."""
@@ -744,6 +754,8 @@ def decode_rows(
     dropped: Dropped | None = None,
     compile: bool = False,
     on_step: OnStep | None = None,
+    on_tokens: OnTokens | None = None,
+    prefill_tokens: int | None = None,
 ) -> None:
     """Decode rows, each with its own sampling parameters and LoRA adapter (None: the base
     model), `slots` at a time (all of them by default); `on_finish` gets each row's result as
@@ -753,11 +765,17 @@ def decode_rows(
     asks for more than the batch has fails alone) and is prefilled once; its one result, once
     every sample has ended, holds them in `samples`.
 
-    Rows beyond the slots wait their turn; once none wait, `refill` is asked for more whenever
-    slots are free (always with every slot free before the batch ends). Rows that `dropped`
+    Rows beyond the slots wait their turn; `refill` is asked for more whenever slots are free
+    that the waiting rows do not take (always with every slot free before the batch ends), and
+    what it gives joins ahead of rows still waiting. Rows that `dropped`
     names stop where they are, every sample of them, with the finish reason CANCELLED. With
     `compile`, the decode step runs under torch.compile (`MBATCH_COMPILE`); `on_step` is told
-    of every step."""
+    of every step, and `on_tokens` of the tokens of the rows that stream after each.
+
+    With `prefill_tokens`, rows join a running batch a prefill of about that many prompt
+    tokens at a time (at least one row), with a decode step of the running rows between two:
+    a wave of rows refilled together joins over a few steps rather than stall the batch for
+    one long prefill (and with it a caller waiting for its first token)."""
     slots = slots if slots is not None else sum(row.params.n for row in rows)
     if slots < 1:
         if rows:
@@ -766,27 +784,44 @@ def decode_rows(
     batch = _Batch(loaded, slots, on_finish, compiled=compile, on_step=on_step)
     waiting = deque(rows)
     while True:
-        if not waiting and refill is not None and batch.free:
-            waiting.extend(refill(batch.free))  # any beyond the free slots wait their turn
-        joining = _take(waiting, batch.free, batch.slots)
+        spare = batch.free - sum(row.params.n for row in waiting)
+        if refill is not None and spare > 0:
+            # Rows claimed while others still wait to join (a wave joining a prefill budget
+            # at a time) go ahead of them: the refill gives its most urgent rows first.
+            joined = list(refill(spare))
+            if waiting:
+                waiting.extendleft(reversed(joined))
+            else:
+                waiting.extend(joined)  # any beyond the free slots wait their turn
+        joining = _take(waiting, batch.free, batch.slots, prefill_tokens)
         if joining:
             batch.admit(joining)
             batch.settle(dropped)
-            continue  # rows may finish at their first token: room for more before a step
+            if on_tokens is not None:
+                on_tokens(batch.streaming())
+            if not (prefill_tokens is not None and waiting and batch.rows):
+                continue  # rows may finish at their first token: room for more before a step
         if not batch.rows:
             return
         batch.step()
         batch.settle(dropped)
+        if on_tokens is not None:
+            on_tokens(batch.streaming())
 
 
-def _take(waiting: deque[NewRow], free: int, slots: int) -> list[NewRow]:
-    """The waiting rows that join now, in order: as many as their samples find free slots. A
-    row asking for more samples than the batch has slots takes one, to fail when it joins."""
+def _take(
+    waiting: deque[NewRow], free: int, slots: int, prefill_tokens: int | None = None
+) -> list[NewRow]:
+    """The waiting rows that join now, in order: as many as their samples find free slots
+    (and, with `prefill_tokens`, until their prompts hold that many tokens). A row asking for
+    more samples than the batch has slots takes one, to fail when it joins."""
     taken: list[NewRow] = []
+    tokens = 0
     while waiting:
         need = waiting[0].params.n if waiting[0].params.n <= slots else 1
-        if need > free:
+        if need > free or (prefill_tokens is not None and taken and tokens >= prefill_tokens):
             break
+        tokens += len(waiting[0].prompt)
         taken.append(waiting.popleft())
         free -= need
     return taken
@@ -800,14 +835,21 @@ def generate(
     dropped: Callable[[], Collection[int]] | None = None,
     compile: bool = False,
     on_step: OnStep | None = None,
+    streams: Sequence[bool] | None = None,
+    on_tokens: OnTokens | None = None,
 ) -> list[Generation]:
     """Decode every prompt with its own sampling parameters and adapter, in one batch; the
     results in the order of the prompts. Rows that `dropped` names (by index) stop where they
-    are, with the finish reason CANCELLED. `compile`, `on_step`: as `decode_rows`."""
+    are, with the finish reason CANCELLED. The rows that `streams` marks have their tokens
+    reported to `on_tokens` after every step (keyed by index). `compile`, `on_step`: as
+    `decode_rows`."""
     names = adapters if adapters is not None else [None] * len(prompts)
+    streaming = streams if streams is not None else [False] * len(prompts)
     rows = [
-        NewRow(index, prompt, p, adapter)
-        for index, (prompt, p, adapter) in enumerate(zip(prompts, params, names, strict=True))
+        NewRow(index, prompt, p, adapter, stream)
+        for index, (prompt, p, adapter, stream) in enumerate(
+            zip(prompts, params, names, streaming, strict=True)
+        )
     ]
     results: dict[Hashable, Generation] = {}
     decode_rows(
@@ -818,6 +860,7 @@ def generate(
         dropped=dropped,
         compile=compile,
         on_step=on_step,
+        on_tokens=on_tokens,
     )
     return [results[index] for index in range(len(rows))]
 
