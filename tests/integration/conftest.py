@@ -1,4 +1,5 @@
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -8,9 +9,11 @@ from api.app import create_app
 from jobs.db import get_engine, get_session_factory
 from jobs.keys import create_key
 from jobs.models import Job, JobStatus
+from jobs.registry import resolve_model
 from jobs.settings import Settings
 from migrations.runner import upgrade
 from tests import services
+from worker.engine.loader import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +56,12 @@ def db(session: Session) -> Session:
     session.query(Job).filter(Job.status.in_(unfinished)).update({"status": JobStatus.cancelled})
     session.commit()
     return session
+
+
+@pytest.fixture(scope="module")
+def loaded(models_dir: Path) -> LoadedModel:
+    """The tiny model, loaded as a worker loads it, once per test module."""
+    return load_model(resolve_model("tiny-random-mistral"), Settings(models_dir=models_dir))
 
 
 def make_key(settings: Settings, owner: str) -> str:

@@ -11,7 +11,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from sqlalchemy import create_engine, insert, inspect
 from sqlalchemy.orm import Session
@@ -21,16 +20,15 @@ from jobs.db import session_scope
 from jobs.models import Base, Job, JobStatus, Lane
 from jobs.queries import Claim, OwnerRotation
 from jobs.queue import InProcessQueue
-from jobs.registry import resolve_model
 from jobs.settings import Settings
-from jobs.storage import LocalStorage
 from jobs.streams import interactive_key
 from jobs.timeutil import utcnow
 from tests import services
 from tests.factories import make_job
+from tests.integration.test_worker_refill import runtime
 from worker.batch_choice import INTERACTIVE_POLL_SECONDS, BatchChoice
 from worker.claims import prepare_rows
-from worker.engine.loader import LoadedModel, load_model
+from worker.engine.loader import LoadedModel
 from worker.runtime import WorkerRuntime, _RefilledBatch
 from worker.services import Services
 
@@ -167,22 +165,6 @@ def test_a_batch_to_be_refilled_keeps_its_interactive_slots_free_of_bulk(
     [interactive] = queue.add("carol", INTERACTIVE, 1)
     claims = choice_for(settings).claim()
     assert len(claims) == 7 and interactive in {c.job.id for c in claims}
-
-
-@pytest.fixture(scope="module")
-def loaded(models_dir: Path) -> LoadedModel:
-    return load_model(resolve_model(MODEL), Settings(models_dir=models_dir))
-
-
-def runtime(settings: Settings, loaded: LoadedModel, tmp_path: Path) -> WorkerRuntime:
-    return WorkerRuntime(
-        settings,
-        loaded,
-        lambda: session_scope(settings.database_url),
-        LocalStorage(tmp_path),
-        InProcessQueue(),
-        "lanes-test-worker",
-    )
 
 
 def running_batch(worker: WorkerRuntime) -> _RefilledBatch:

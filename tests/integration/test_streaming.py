@@ -5,27 +5,19 @@ included, and a reader that missed events or a second attempt never shows text t
 import random
 from collections.abc import Hashable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
 from jobs.models import Job, Lane
-from jobs.registry import resolve_model
 from jobs.sampling import SamplingParams
-from jobs.settings import Settings
 from jobs.streams import END, TEXT, StreamedText, StreamEvent, stream_key
 from tests import services
 from tests.unit.test_engine import random_prompt
 from worker.engine.decode import Generation, NewRow, decode_rows
-from worker.engine.loader import LoadedModel, load_model
+from worker.engine.loader import LoadedModel
 from worker.streaming import StreamPublisher
-
-
-@pytest.fixture(scope="module")
-def loaded(models_dir: Path) -> LoadedModel:
-    return load_model(resolve_model("tiny-random-mistral"), Settings(models_dir=models_dir))
 
 
 @pytest.fixture(scope="module")

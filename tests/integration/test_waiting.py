@@ -5,7 +5,6 @@ the timeout that leaves the job running, and the caller who goes away cancelling
 import asyncio
 import functools
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from decimal import Decimal
 
@@ -16,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.waiting import Finished, JobWaiter, StreamDiverged, SyncTimeout
 from jobs import queries, service
-from jobs.db import get_session_factory, session_scope
+from jobs.db import session_scope
 from jobs.models import Job, JobStatus, Lane
 from jobs.queries import Claim, Outcome
 from jobs.queue import InProcessQueue
@@ -29,13 +28,6 @@ from tests import services
 from worker.streaming import StreamPublisher
 
 ANSWER = "Red, green and blue 🦩 are colours."
-
-
-@pytest.fixture
-def db(api_settings: Settings) -> Iterator[Session]:
-    session = get_session_factory(api_settings.database_url)()
-    yield session
-    session.close()
 
 
 def interactive_job(db: Session, settings: Settings, owner: str = "walt") -> Job:
@@ -51,6 +43,19 @@ def claim(db: Session, job: Job) -> Claim:
     claims = queries.claim_batch(db, job.model, "test-worker", 30, 1, first_id=job.id)
     assert [c.job.id for c in claims] == [job.id]
     return claims[0]
+
+
+def streamed_a_little(db: Session, settings: Settings) -> tuple[Job, Claim, StreamPublisher]:
+    """An interactive job claimed as a worker claims it, whose first tokens of ANSWER the
+    worker's publisher has written to its stream."""
+    job = interactive_job(db, settings)
+    held = claim(db, job)
+    tokens = v1_tokenizer().encode_prompt(ANSWER, raw=True)[1:]
+    url = settings.broker_url
+    publisher = StreamPublisher(lambda: redis.Redis.from_url(url), 60)
+    publisher.start(held.job, v1_tokenizer().decode, [])
+    publisher.step([(job.id, tokens[:4])])
+    return job, held, publisher
 
 
 def outcome(text: str) -> Outcome:
@@ -94,12 +99,7 @@ def test_pieces_then_the_answer_from_postgres_when_redis_loses_the_stream(
     db: Session, api_settings: Settings
 ) -> None:
     url = api_settings.broker_url
-    job = interactive_job(db, api_settings)
-    held = claim(db, job)
-    tokens = v1_tokenizer().encode_prompt(ANSWER, raw=True)[1:]
-    publisher = StreamPublisher(lambda: redis.Redis.from_url(url), 60)
-    publisher.start(held.job, v1_tokenizer().decode, [])
-    publisher.step([(job.id, tokens[:4])])
+    job, held, publisher = streamed_a_little(db, api_settings)
 
     def lose_the_stream_then_finish(pieces: int) -> None:
         if pieces != 1:
@@ -169,12 +169,7 @@ def test_a_stream_whose_recorded_answer_differs_ends_with_an_error_not_a_false_e
     """Its first attempt's text went out, then it ran again unseeded and recorded another
     answer: the stream says so rather than end as if what it showed were the answer."""
     url = api_settings.broker_url
-    job = interactive_job(db, api_settings)
-    held = claim(db, job)
-    tokens = v1_tokenizer().encode_prompt(ANSWER, raw=True)[1:]
-    publisher = StreamPublisher(lambda: redis.Redis.from_url(url), 60)
-    publisher.start(held.job, v1_tokenizer().decode, [])
-    publisher.step([(job.id, tokens[:4])])
+    job, held, publisher = streamed_a_little(db, api_settings)
     shown: list[str] = []
 
     def rerun_and_record_another_answer() -> None:

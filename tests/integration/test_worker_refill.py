@@ -8,19 +8,13 @@ from sqlalchemy.orm import Session
 from jobs.db import session_scope
 from jobs.models import JobStatus
 from jobs.queue import InProcessQueue
-from jobs.registry import resolve_model
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from tests.factories import make_job
-from worker.engine.loader import LoadedModel, load_model
+from worker.engine.loader import LoadedModel
 from worker.runtime import WorkerRuntime
 
 MODEL = "tiny-random-mistral"
-
-
-@pytest.fixture(scope="module")
-def loaded(models_dir: Path) -> LoadedModel:
-    return load_model(resolve_model(MODEL), Settings(models_dir=models_dir))
 
 
 def runtime(settings: Settings, loaded: LoadedModel, tmp_path: Path) -> WorkerRuntime:
